@@ -1,0 +1,17 @@
+"""vitdistill: train small, fast vision transformers from teachers.
+
+Python API::
+
+    from vitdistill import load_recipe, train, evaluate_checkpoint
+    cfg = load_recipe("deit_tiny_distilled_cifar10", ["optim.epochs=10"])
+    result = train(cfg)
+    print(evaluate_checkpoint(result.output))
+"""
+
+from .config import RunConfig, list_recipes, load_recipe
+from .errors import ConfigError, UserError
+from .runner import RunResult, evaluate_checkpoint, train
+
+__version__ = "0.1.0"
+
+__all__ = ["ConfigError", "RunConfig", "RunResult", "UserError", "evaluate_checkpoint", "list_recipes", "load_recipe", "train"]

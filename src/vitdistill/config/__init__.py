@@ -1,0 +1,105 @@
+"""Recipes: packaged YAML files (or a user's) plus dotted overrides, validated into RunConfig."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+
+from ..errors import UserError
+from .parsing import apply_override, parse_dataclass, to_dict
+from .schema import (
+    AugmentConfig,
+    DataConfig,
+    EngineConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TeacherConfig,
+)
+
+__all__ = [
+    "AugmentConfig",
+    "DataConfig",
+    "EngineConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TeacherConfig",
+    "config_from_dict",
+    "dump_config",
+    "list_recipes",
+    "load_recipe",
+    "to_dict",
+]
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped inside the package."""
+    folder = resources.files("vitdistill") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_recipe(recipe: str, _seen: tuple[str, ...] = ()) -> dict:
+    """The raw mapping of a packaged recipe name or a path to a YAML file.
+
+    A recipe may start from another with ``base: <name or path>``; its keys override the
+    base's (mappings merge, lists are replaced).
+    """
+    path = Path(recipe)
+    if recipe.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise UserError(f"recipe file {recipe} does not exist")
+        text = path.read_text()
+        default_name = path.stem
+    else:
+        packaged = resources.files("vitdistill") / "recipes" / f"{recipe}.yaml"
+        if not packaged.is_file():
+            raise UserError(f"unknown recipe {recipe!r}: packaged recipes are {', '.join(list_recipes())}; or give a path to a .yaml file")
+        text = packaged.read_text()
+        default_name = recipe
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"recipe {recipe} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {recipe} must be a mapping at the top level")
+    base = raw.pop("base", None)
+    if base is not None:
+        if base in _seen:
+            raise UserError(f"recipe {recipe}: its bases form a cycle ({' -> '.join(_seen + (base,))})")
+        parent = read_recipe(str(base), _seen + (recipe,))
+        parent.pop("name", None)
+        raw = deep_merge(parent, raw)
+    raw.setdefault("name", default_name)
+    return raw
+
+
+def config_from_dict(raw: dict, overrides: Iterable[str] = ()) -> RunConfig:
+    """Validate a raw recipe mapping (after applying ``key=value`` overrides)."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types
+    for item in overrides:
+        apply_override(raw, item)
+    return parse_dataclass(RunConfig, raw)
+
+
+def load_recipe(recipe: str, overrides: Iterable[str] = ()) -> RunConfig:
+    """Load a packaged recipe by name (``deit_tiny_cifar10``) or a YAML path, with overrides."""
+    return config_from_dict(read_recipe(recipe), overrides)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,189 @@
+"""The typed recipe: what a YAML recipe may contain, with defaults and value checks.
+
+A recipe is one :class:`RunConfig`. Every section is a dataclass; :func:`parse_dataclass`
+turns the YAML mapping into it and rejects unknown keys. Objective terms are a list of flat
+mappings (``{term: kd_soft, weight: 0.5, tau: 3.0}``) whose extra keys are validated by the
+term's own parameter dataclass (see :mod:`vitdistill.objective`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+@dataclass
+class DataConfig:
+    """Where images come from. See :mod:`vitdistill.data.sources`."""
+
+    source: Literal["imagefolder", "cifar10", "cifar100", "digits"] = "imagefolder"
+    root: str | None = None  # folder, or a .tar/.tar.gz/.zip of one (unpacked once into cache_dir)
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_limit: int | None = None  # use a class-balanced slice of this many images (quick runs)
+    eval_limit: int | None = None
+    source_size: int | None = None  # decode variable-sized images to this square size
+    cache_dir: str | None = None  # decoded-array cache; default $VITDISTILL_CACHE or ~/.cache/vitdistill
+    download: bool = False  # torchvision CIFAR only
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def validate(self, key: str) -> None:
+        for name in ("train_limit", "eval_limit", "source_size"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, _join(key, name), "must be positive")
+        _check(all(s > 0 for s in self.std), _join(key, "std"), "must be positive")
+        if self.source == "imagefolder":
+            _check(self.root is not None, _join(key, "root"), "imagefolder needs a root folder or archive")
+
+
+@dataclass
+class AugmentConfig:
+    """Training view and evaluation view. Every random choice is keyed by (seed, epoch, index)."""
+
+    input_size: int = 224
+    crop: Literal["rrc", "pad", "none"] = "rrc"  # random-resized-crop, pad-and-crop, or full image
+    scale: tuple[float, float] = (0.08, 1.0)  # rrc area range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # rrc aspect range
+    pad: int = 4  # pad-and-crop padding (zeros), in source pixels
+    hflip: float = 0.5
+    eval_crop_pct: float = 1.0  # evaluation: centre crop of this fraction, resized to input_size
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # probability that a sample is mixed (when an alpha is > 0)
+    switch_prob: float = 0.5  # probability of cutmix rather than mixup when both are on
+
+    def validate(self, key: str) -> None:
+        _check(self.input_size > 0, _join(key, "input_size"), "must be positive")
+        _check(0 < self.scale[0] <= self.scale[1] <= 1, _join(key, "scale"), "needs 0 < min <= max <= 1")
+        _check(0 < self.ratio[0] <= self.ratio[1], _join(key, "ratio"), "needs 0 < min <= max")
+        _check(self.pad >= 0, _join(key, "pad"), "must be >= 0")
+        _check(0 < self.eval_crop_pct <= 1, _join(key, "eval_crop_pct"), "must be in (0, 1]")
+        for name in ("hflip", "mix_prob", "switch_prob"):
+            _check(0 <= getattr(self, name) <= 1, _join(key, name), "must be a probability in [0, 1]")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            _check(getattr(self, name) >= 0, _join(key, name), "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """A timm model (or one of ours registered in timm) built with ``pretrained=False``."""
+
+    name: str = "deit_tiny_distilled_patch16_224"
+    img_size: int | None = None  # ViTs: input resolution
+    patch_size: int | None = None  # ViTs: patch size
+    drop_path: float = 0.0
+    small_input_stem: bool = False  # CNNs: stride-1 3x3 stem, no max-pool (for 32x32 inputs)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    init: str | None = None  # start from these weights (a vitdistill export or state dict)
+
+    def validate(self, key: str) -> None:
+        _check(0 <= self.drop_path < 1, _join(key, "drop_path"), "must be in [0, 1)")
+
+
+@dataclass
+class TeacherConfig:
+    """A frozen teacher: a vitdistill export (architecture read from it) or a timm name + weights."""
+
+    checkpoint: str | None = None  # model.safetensors exported by vitdistill, or its run folder
+    name: str | None = None  # timm name, when the weights are a plain state dict
+    weights: str | None = None  # .safetensors / .pth state dict for `name`
+    small_input_stem: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    mean: tuple[float, float, float] | None = None  # the teacher's own input normalisation
+    std: tuple[float, float, float] | None = None
+    input_size: int | None = None  # resize the student's view to this size for the teacher
+
+    def validate(self, key: str) -> None:
+        _check(
+            (self.checkpoint is None) != (self.name is None),
+            key or "teacher",
+            "give either checkpoint (a vitdistill export) or name (+ weights), not both or neither",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + warmup/cosine (timm). ``lr`` is for ``lr_base_batch`` images; it scales linearly."""
+
+    epochs: int = 100
+    batch_size: int = 256  # global batch (all processes together)
+    opt: str = "adamw"
+    lr: float = 5e-4
+    lr_base_batch: int | None = 512  # None: use lr as given
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    clip_grad: float | None = None
+    layer_decay: float | None = None  # e.g. 0.8: lr x 0.8 per block from the head down
+
+    def validate(self, key: str) -> None:
+        _check(self.epochs >= 1, _join(key, "epochs"), "must be >= 1")
+        _check(self.batch_size >= 1, _join(key, "batch_size"), "must be >= 1")
+        _check(self.lr > 0, _join(key, "lr"), "must be positive")
+        _check(self.warmup_epochs >= 0, _join(key, "warmup_epochs"), "must be >= 0")
+        _check(self.clip_grad is None or self.clip_grad > 0, _join(key, "clip_grad"), "must be positive")
+        ld = self.layer_decay
+        _check(ld is None or 0 < ld <= 1, _join(key, "layer_decay"), "must be in (0, 1]")
+
+
+@dataclass
+class EngineConfig:
+    """How the loop runs; nothing here changes what is learned (except ema)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    ema_decay: float | None = None
+    eval_every: int = 1
+    progress: bool = True
+    tensorboard: bool = True
+    eval_batch_size: int | None = None
+
+    def validate(self, key: str) -> None:
+        _check(self.eval_every >= 1, _join(key, "eval_every"), "must be >= 1")
+        e = self.ema_decay
+        _check(e is None or 0 < e < 1, _join(key, "ema_decay"), "must be in (0, 1)")
+
+
+@dataclass
+class RunConfig:
+    """One training run: a teacher's or a student's; the engine does not tell them apart."""
+
+    name: str = "run"
+    seed: int = 0
+    output: str | None = None  # default: runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig | None = None
+    objective: list[dict[str, Any]] = field(default_factory=lambda: [{"term": "ce"}])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self, key: str) -> None:
+        from ..objective import needs_teacher, validate_terms  # late: objective imports config
+
+        _check(len(self.objective) > 0, "objective", "needs at least one term")
+        self.objective = validate_terms(self.objective)
+        if needs_teacher(self.objective):
+            _check(self.teacher is not None, "teacher", "the objective needs a teacher; none is set")
+
+    @property
+    def output_dir(self) -> str:
+        return self.output or f"runs/{self.name}"
