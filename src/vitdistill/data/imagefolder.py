@@ -1,0 +1,162 @@
+"""ImageFolder splits (``root/<split>/<class>/<file>``), from a folder or an archive of one.
+
+Images are decoded once, in parallel, into a ``.npy`` array in the cache folder, and memory
+mapped afterwards. Variable-sized images are resized (short side) and centre-cropped to
+``data.source_size`` so that the split is one array; same-sized images are kept as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..errors import UserError
+from ..progress import progress
+from .source import ImageSource, cache_root, hash_items, limit_positions
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+
+
+def unpack_archive(archive: Path, cache: Path) -> Path:
+    """Unpack ``archive`` once into the cache (atomically: temp folder, then rename)."""
+    stat = archive.stat()
+    key = hash_items([str(archive.resolve()), str(stat.st_size), str(int(stat.st_mtime))])[:16]
+    target = cache / "archives" / f"{archive.name.split('.')[0]}-{key}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"vitdistill: unpacking {archive} into {target}")
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+    else:
+        with tarfile.open(archive) as tf:
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(tmp, filter="data")
+            else:  # pragma: no cover - Python < 3.10.12
+                tf.extractall(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_split_dir(root: Path, split: str) -> Path:
+    """``root/split``, or ``root/<single folder>/split`` (archives often wrap one folder)."""
+    candidates = [root / split] + sorted(p / split for p in root.iterdir() if p.is_dir())
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise UserError(f"data: no '{split}' folder under {root} (looked in {root}/{split} and {root}/*/{split})")
+
+
+def list_split(split_dir: Path) -> tuple[list[str], list[str], list[int]]:
+    """Classes (sorted folder names), files (sorted within class) and labels."""
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"data: {split_dir} has no class folders")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files += [str(p.relative_to(split_dir)) for p in found]
+        labels += [label] * len(found)
+    if not files:
+        raise UserError(f"data: {split_dir} has no images")
+    return classes, files, labels
+
+
+def _decode(args: tuple[str, int | None]) -> np.ndarray:
+    from PIL import Image
+
+    path, size = args
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if size is not None:
+            w, h = img.size
+            scale = size / min(w, h)
+            if (w, h) != (size, size):
+                img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+                w, h = img.size
+                left, top = (w - size) // 2, (h - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+        return np.asarray(img, dtype=np.uint8)
+
+
+def decode_files(paths: list[str], size: int | None, out: Path, desc: str) -> np.ndarray:
+    """Decode all ``paths`` into one ``[N, H, W, 3]`` array saved (atomically) at ``out``."""
+    first = _decode((paths[0], size))
+    array = np.empty((len(paths), *first.shape), dtype=np.uint8)
+    workers = max(1, min(len(os.sched_getaffinity(0)), 16))
+    chunksize = max(1, len(paths) // (workers * 16))
+    jobs = [(p, size) for p in paths]
+    with ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 256 else _Inline() as pool:
+        for i, img in enumerate(progress(pool.map(_decode, jobs, chunksize=chunksize), total=len(paths), desc=desc)):
+            if img.shape != first.shape:
+                raise UserError(
+                    f"data: images have different sizes ({paths[i]} is {img.shape[1]}x{img.shape[0]}, "
+                    f"{paths[0]} is {first.shape[1]}x{first.shape[0]}); set data.source_size to decode them to one size"
+                )
+            array[i] = img
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, out)
+    return array
+
+
+class _Inline:
+    """A stand-in for a process pool when the work is too small to be worth one."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def map(fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSource:
+    assert cfg.root is not None
+    root = Path(cfg.root).expanduser()
+    if not root.exists():
+        raise UserError(f"data.root: {root} does not exist")
+    cache = cache_root(cfg)
+    if root.is_file():
+        if not root.name.endswith(ARCHIVE_SUFFIXES):
+            raise UserError(f"data.root: {root} is a file but not a .tar, .tar.gz, .tgz or .zip archive")
+        root = unpack_archive(root, cache)
+    split_dir = resolve_split_dir(root, split)
+    classes, files, labels = list_split(split_dir)
+    keep = limit_positions(labels, limit)
+    files = [files[i] for i in keep]
+    labels = [labels[i] for i in keep]
+    items_hash = hash_items([f"{f}\t{y}" for f, y in zip(files, labels)])
+    key = hash_items([items_hash, str(cfg.source_size), str(split_dir.resolve())])[:20]
+    array_path = cache / "decoded" / f"{split_dir.parent.name}-{split}-{len(files)}-{key}.npy"
+    if array_path.is_file():
+        array = np.load(array_path)
+    else:
+        paths = [str(split_dir / f) for f in files]
+        array = decode_files(paths, cfg.source_size, array_path, desc=f"decoding {split_dir.parent.name}/{split}")
+    return ImageSource(
+        images=torch.from_numpy(array),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        classes=classes,
+        name=f"imagefolder:{split_dir.parent.name}/{split}",
+        items_hash=items_hash,
+    )

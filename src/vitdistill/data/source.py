@@ -1,0 +1,114 @@
+"""A split of a dataset, decoded once into uint8 arrays; sample ``i`` has stable index ``i``.
+
+The index is the sample's position in the split's sorted file list (ImageFolder) or in the
+dataset's own order (CIFAR, digits), never a position in a shuffled order: replayable views,
+teacher stores and label maps are keyed by it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import DataConfig
+from ..errors import UserError
+
+
+@dataclass
+class ImageSource:
+    """Decoded images ``[N, H, W, 3]`` uint8 with labels ``[N]`` int64 and class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    name: str  # e.g. "imagefolder:cifar10/train"
+    items_hash: str  # hash of the ordered sample list (file names + labels)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    def fingerprint(self) -> dict:
+        """What identifies this split: stores and label maps pin it in their manifest."""
+        return {
+            "name": self.name,
+            "count": len(self),
+            "classes": list(self.classes),
+            "items_sha256": self.items_hash,
+            "image_size": list(self.image_size),
+        }
+
+
+def hash_items(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("VITDISTILL_CACHE") or Path.home() / ".cache" / "vitdistill"
+    return Path(root).expanduser()
+
+
+def balanced_order(labels: list[int]) -> list[int]:
+    """Positions in round-robin class order (first of each class, then second, ...).
+
+    Taking a prefix of this order gives a class-balanced slice that is stable when the
+    limit changes (a slice of 100 is contained in a slice of 200).
+    """
+    per_class: dict[int, list[int]] = {}
+    for pos, label in enumerate(labels):
+        per_class.setdefault(label, []).append(pos)
+    queues = [per_class[c] for c in sorted(per_class)]
+    order, depth = [], 0
+    while len(order) < len(labels):
+        for queue in queues:
+            if depth < len(queue):
+                order.append(queue[depth])
+        depth += 1
+    return order
+
+
+def limit_positions(labels: list[int], limit: int | None) -> list[int]:
+    """Sorted positions of a class-balanced slice of ``limit`` samples (all when None)."""
+    if limit is None or limit >= len(labels):
+        return list(range(len(labels)))
+    return sorted(balanced_order(labels)[:limit])
+
+
+def open_source(cfg: DataConfig, split: str, limit: int | None = None) -> ImageSource:
+    """Open one split of the configured dataset, decoding (once, cached) as needed."""
+    if cfg.source == "imagefolder":
+        from .imagefolder import open_imagefolder
+
+        return open_imagefolder(cfg, split, limit)
+    if cfg.source == "digits":
+        from .builtin import open_digits
+
+        return open_digits(split, limit)
+    if cfg.source in ("cifar10", "cifar100"):
+        from .builtin import open_torchvision_cifar
+
+        return open_torchvision_cifar(cfg, split, limit)
+    raise UserError(f"data.source: unknown source {cfg.source!r}")  # pragma: no cover - schema guards
+
+
+def open_splits(cfg: DataConfig) -> tuple[ImageSource, ImageSource]:
+    """The training and evaluation splits; their class lists must agree."""
+    train = open_source(cfg, cfg.train_split, cfg.train_limit)
+    evaluation = open_source(cfg, cfg.eval_split, cfg.eval_limit)
+    if train.classes != evaluation.classes:
+        raise UserError(
+            f"data: the {cfg.train_split} and {cfg.eval_split} splits have different classes "
+            f"({len(train.classes)} vs {len(evaluation.classes)})"
+        )
+    return train, evaluation
