@@ -1,0 +1,37 @@
+"""What a teacher says about a batch of views, whichever way it was obtained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+
+@dataclass
+class TeacherPrediction:
+    """A teacher's answer for each view: raw logits (online teacher) or a dense probability
+    distribution at a fixed temperature (an offline store). Terms ask for what they need and
+    get a clear error when the source cannot provide it (e.g. a new temperature from stored
+    probabilities)."""
+
+    logits: torch.Tensor | None = None  # [B, C]
+    probs: torch.Tensor | None = None  # [B, C] at `temperature`
+    temperature: float = 1.0
+
+    def log_probs(self, tau: float = 1.0) -> torch.Tensor:
+        """``log psi(Z_t / tau)`` in fp32."""
+        if self.logits is not None:
+            return F.log_softmax(self.logits.float() / tau, dim=-1)
+        assert self.probs is not None
+        if abs(tau - self.temperature) > 1e-6:
+            raise UserError(f"the teacher's targets are stored at temperature {self.temperature}; a term asks for {tau}")
+        return torch.log(self.probs.float().clamp_min(1e-12))
+
+    def hard_labels(self) -> torch.Tensor:
+        """``y_t = argmax Z_t``."""
+        source = self.logits if self.logits is not None else self.probs
+        assert source is not None
+        return source.argmax(dim=-1)
