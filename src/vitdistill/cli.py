@@ -1,0 +1,138 @@
+"""The ``vitdistill`` command line: ``train``, ``eval``, ``demo``, ``recipes``, ``config``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+EPILOG = """examples:
+  vitdistill demo
+  vitdistill train cnn_teacher_cifar10 data.root=../shared/datasets/cifar10-jpg.tar.gz
+  vitdistill train deit_tiny_distilled_cifar10 optim.epochs=300 optim.lr=1e-3
+  vitdistill train my_recipe.yaml --resume
+  vitdistill eval runs/deit_tiny_distilled_cifar10 --json eval.json
+"""
+
+
+def _split_overrides(values: list[str]) -> list[str]:
+    for value in values:
+        if "=" not in value:
+            raise UserError(f"unexpected argument {value!r}: overrides look like key=value (e.g. optim.lr=5e-4)")
+    return values
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2))
+        print(f"vitdistill: wrote {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_recipe
+    from .runner import train
+
+    cfg = load_recipe(args.recipe, _split_overrides(args.overrides))
+    train(cfg, resume=args.resume)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .engine.metrics import format_table
+    from .runner import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, _split_overrides(args.overrides), args.batch_size, args.device)
+    print(f"{result['model']} on {result['data']} ({result['images']:,} images)")
+    rows = [[k, f"{v:.2f}"] for k, v in result.items() if k.startswith(("top1", "top5"))]
+    print(format_table(["metric (%)", "value"], rows))
+    print(f"loss (cross-entropy of the inference head): {result['loss']:.4f}")
+    _write_json(args.json, result)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    result = run_demo(args.output, (f"seed={args.seed}",))
+    _write_json(args.json, result)
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from .config import list_recipes, read_recipe
+
+    for name in list_recipes():
+        model = (read_recipe(name).get("model") or {}).get("name", "")
+        print(f"{name:32s} {model}")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from .config import dump_config, load_recipe
+
+    print(dump_config(load_recipe(args.recipe, _split_overrides(args.overrides))), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitdistill",
+        description="Train small vision transformers from teachers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (teacher or student) from a recipe")
+    p.add_argument("recipe", help="packaged recipe name (see `vitdistill recipes`) or a .yaml path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-4 data.root=/data/imagenet")
+    p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a trained model")
+    p.add_argument("checkpoint", help="run folder, model.safetensors or checkpoint.pt")
+    p.add_argument("overrides", nargs="*", help="data.key=value overrides (e.g. data.eval_limit=1000)")
+    p.add_argument("--data", help="digits, cifar10, cifar100, or an ImageFolder folder/archive (default: the run's data)")
+    p.add_argument("--split", help="split to evaluate (default: the run's eval split)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("demo", help="offline demo on the digits shipped with scikit-learn (CPU, < 3 min)")
+    p.add_argument("--output", default="runs/demo", help="folder for the three runs (default runs/demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("recipes", help="list the packaged recipes")
+    p.set_defaults(fn=cmd_recipes)
+
+    p = sub.add_parser("config", help="print a recipe after overrides and validation")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # key=value overrides may come before or after options (argparse alone stops at the first).
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        args.fn(args)
+    except UserError as err:
+        print(f"vitdistill: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitdistill: interrupted (completed epochs are in the run's checkpoint.pt; continue with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

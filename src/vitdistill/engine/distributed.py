@@ -1,0 +1,64 @@
+"""Process-group setup for torchrun (one process per GPU) and the single-process case."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"engine.device: {setting} was asked for, but CUDA is not available")
+    return device
+
+
+def setup_distributed(device_setting: str) -> DistEnv:
+    """Join torchrun's process group when ``WORLD_SIZE > 1``; else a one-process environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_setting)
+    if world == 1:
+        return DistEnv(rank=0, world=1, device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistEnv(rank=rank, world=world, device=device)
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.world > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world > 1:
+        dist.barrier()
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA by default, fp32 on CPU (``precision: bf16`` forces it)."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()

@@ -1,0 +1,51 @@
+"""AdamW (or any timm optimizer) with weight-decay groups, layer-wise lr decay and warmup+cosine."""
+
+from __future__ import annotations
+
+from torch import nn
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+
+from ..config import OptimConfig
+from ..errors import UserError
+
+
+def scaled_lr(cfg: OptimConfig) -> float:
+    """``lr x batch_size / lr_base_batch`` (the linear scaling rule), or ``lr`` as given."""
+    return cfg.lr * cfg.batch_size / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
+
+
+def param_groups(backbone: nn.Module, extra: list[nn.Parameter], cfg: OptimConfig) -> list[dict]:
+    """timm's groups for the backbone (no decay on norms/biases/tokens; ``lr_scale`` per block
+    with layer decay), plus one group for the objective's own parameters (e.g. a projector)."""
+    no_decay = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
+    if cfg.layer_decay is not None:
+        if not hasattr(backbone, "group_matcher"):
+            raise UserError(f"optim.layer_decay: {type(backbone).__name__} does not define its layers (no group_matcher)")
+        groups = param_groups_layer_decay(backbone, weight_decay=cfg.weight_decay, no_weight_decay_list=no_decay, layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(backbone, weight_decay=cfg.weight_decay, no_weight_decay_list=no_decay)
+    trainable = [p for p in extra if p.requires_grad]
+    if trainable:
+        groups.append({"params": trainable, "weight_decay": cfg.weight_decay, "lr_scale": 1.0})
+    return groups
+
+
+def build_optimizer(backbone: nn.Module, extra: list[nn.Parameter], cfg: OptimConfig):
+    groups = param_groups(backbone, extra, cfg)
+    return create_optimizer_v2(groups, opt=cfg.opt, lr=scaled_lr(cfg), weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer, cfg: OptimConfig, steps_per_epoch: int) -> CosineLRScheduler:
+    """Linear warmup for ``warmup_epochs``, then cosine to ``min_lr``; stepped every update."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total - warmup),
+        lr_min=cfg.min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=cfg.warmup_lr,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )

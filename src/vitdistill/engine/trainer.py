@@ -1,0 +1,207 @@
+"""The training loop, the same for teachers and students.
+
+The loop knows a model, an objective, views and (optionally) a source of teacher predictions;
+it does not know which method the objective implements.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..augment import Augmenter, ViewBatch
+from ..config import RunConfig, to_dict
+from ..data import steps_per_epoch, train_batches
+from ..errors import UserError
+from ..models import VisionModel, export_model
+from ..objective import Objective
+from ..progress import progress_bar
+from ..rng import derive_seed
+from ..targets import TeacherPrediction
+from .checkpoint import CHECKPOINT_FORMAT, save_atomic
+from .distributed import DistEnv, all_reduce_sum, autocast, barrier
+from .evaluate import evaluate
+from .metrics import MetricsLog, format_duration
+from .optim import build_optimizer, build_scheduler
+
+TeacherFn = Callable[[ViewBatch], TeacherPrediction]
+
+
+class TrainStep(nn.Module):
+    """The trainable module: the model plus the objective's own parameters (DDP wraps this;
+    the teacher stays outside, so its weights are neither trained, synchronised nor saved)."""
+
+    def __init__(self, model: nn.Module, objective: Objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: ViewBatch, teacher: TeacherPrediction | None):
+        out = self.model(batch.images)
+        return self.objective(out, batch, teacher)
+
+
+class Trainer:
+    """Runs ``cfg.optim.epochs`` epochs: train, evaluate, checkpoint (atomically), log."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: VisionModel,
+        objective: Objective,
+        train_views: Augmenter,
+        eval_views: Augmenter,
+        teacher: TeacherFn | None,
+        env: DistEnv,
+        output: Path,
+    ):
+        self.cfg, self.env, self.output = cfg, env, output
+        self.model = model.to(env.device)
+        self.objective = objective.to(env.device)
+        self.train_views, self.eval_views, self.teacher = train_views, eval_views, teacher
+        self.net = torch.compile(self.model) if cfg.engine.compile else self.model
+        self.step_module = TrainStep(self.net, self.objective)
+        # static_graph: the same parameters are used every step, so heads a recipe leaves
+        # unused (e.g. a distillation head without a term) need no per-step graph search.
+        self.ddp = DistributedDataParallel(self.step_module, static_graph=True) if env.world > 1 else self.step_module
+        self.steps = steps_per_epoch(len(train_views.source), cfg.optim.batch_size)
+        self.optimizer = build_optimizer(self.model.backbone, list(self.objective.parameters()), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps)
+        self.ema = None
+        if cfg.engine.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=cfg.engine.ema_decay)
+        self.num_updates = 0
+        self.start_epoch = 0
+        self.history: list[dict] = []
+
+    # ---------------------------------------------------------------- checkpoint state
+    def state_dict(self, epochs_done: int) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epochs_done,
+            "num_updates": self.num_updates,
+            "model": self.model.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "config": to_dict(self.cfg),
+            "spec": self.model.spec.to_json(),
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.num_updates = state["num_updates"]
+        self.start_epoch = state["epoch"]
+        self.history = list(state["history"])
+        self.scheduler.step_update(self.num_updates)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> list[dict]:
+        cfg, env = self.cfg, self.env
+        epochs = cfg.optim.epochs
+        log = MetricsLog(self.output, cfg.engine.tensorboard, self.start_epoch) if env.is_main else None
+        bar = progress_bar(epochs * self.steps, self.start_epoch * self.steps, cfg.name, cfg.engine.progress and env.is_main)
+        try:
+            for epoch in range(self.start_epoch, epochs):
+                bar.set_description_str(f"{cfg.name} {epoch + 1}/{epochs}")
+                row = {"epoch": epoch + 1, **self.train_epoch(epoch, bar)}
+                if (epoch + 1) % cfg.engine.eval_every == 0 or epoch + 1 == epochs:
+                    row.update(self.evaluate_all())
+                self.history.append(row)
+                if env.is_main:
+                    save_atomic(self.state_dict(epoch + 1), self.output / "checkpoint.pt")
+                    log.write(self.history)
+                    bar.write(epoch_line(row, epochs))
+                barrier(env)
+                if not math.isfinite(row["train_loss"]):
+                    raise UserError(
+                        f"training diverged in epoch {epoch + 1} (loss {row['train_loss']}); "
+                        "the last checkpoint is kept; try a lower optim.lr or set optim.clip_grad"
+                    )
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        if env.is_main:
+            export_model(self.model, self.output / "model.safetensors")
+            if self.ema is not None:
+                export_model(self.ema.module, self.output / "model_ema.safetensors")
+        return self.history
+
+    def train_epoch(self, epoch: int, bar) -> dict[str, float]:
+        cfg, env = self.cfg, self.env
+        self.step_module.train()
+        # Dropout / drop-path draw from torch's global generator: seed it per epoch so a
+        # resumed run continues exactly like an uninterrupted one.
+        torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank, "torch"))
+        batches = train_batches(len(self.train_views.source), cfg.optim.batch_size, self.train_views.rng, epoch, env.rank, env.world)
+        sums: dict[str, torch.Tensor] = {}
+        images = 0
+        start = time.perf_counter()
+        for step, index in enumerate(batches):
+            batch = self.train_views.train_batch(index, epoch)
+            with autocast(env.device, cfg.engine.precision):
+                prediction = self.teacher(batch) if self.teacher is not None else None
+                loss, parts = self.ddp(batch, prediction)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.clip_grad is not None:
+                nn.utils.clip_grad_norm_(self.step_module.parameters(), cfg.optim.clip_grad)
+            self.optimizer.step()
+            self.num_updates += 1
+            self.scheduler.step_update(self.num_updates)
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.num_updates)
+            for key, value in {"loss": loss.detach(), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value.float()
+            images += len(batch)
+            bar.update(1)
+            if step % 25 == 0 or step == len(batches) - 1:
+                rate = images * env.world / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"loss {float(sums['loss']) / (step + 1):.4f}  lr {self.lr:.2e}  {rate:,.0f} img/s")
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        elapsed = time.perf_counter() - start
+        names = list(sums)
+        means = all_reduce_sum(torch.stack([sums[k] for k in names]), env) / (len(batches) * env.world)
+        stats = {f"train_{k}": v for k, v in zip(names, means.tolist())}
+        stats.update(lr=self.lr, train_time_s=elapsed, train_img_per_s=images * env.world / elapsed)
+        return stats
+
+    @property
+    def lr(self) -> float:
+        return max(group["lr"] for group in self.optimizer.param_groups)
+
+    def evaluate_all(self) -> dict[str, float]:
+        engine = self.cfg.engine
+        batch_size = engine.eval_batch_size or self.cfg.optim.batch_size // self.env.world
+        row = {f"eval_{k}": v for k, v in evaluate(self.net, self.eval_views, batch_size, self.env, engine.precision).items()}
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.eval_views, batch_size, self.env, engine.precision)
+            row.update({f"ema_{k}": v for k, v in ema.items()})
+        return row
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}"]
+    if "eval_top1" in row:
+        heads = [f"{h} {row[f'eval_top1_{h}']:.2f}" for h in ("cls", "dist") if f"eval_top1_{h}" in row]
+        parts.append(f"top1 {row['eval_top1']:.2f}" + (f" ({', '.join(heads)})" if heads else ""))
+    if "ema_top1" in row:
+        parts.append(f"ema top1 {row['ema_top1']:.2f}")
+    parts.append(f"{row['train_img_per_s']:,.0f} img/s")
+    parts.append(format_duration(row["train_time_s"]))
+    return "  ".join(parts)
