@@ -1,0 +1,116 @@
+"""The loop: determinism, resume == uninterrupted, atomic outputs, the teacher kept out."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitdistill import UserError, load_recipe, train
+from vitdistill.engine import trainer as trainer_module
+
+from conftest import TINY_DEIT, tiny_run
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path):
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        result = train(load_recipe("demo_student", tiny_run(tmp_path / name, f"seed={seed}", "optim.epochs=1")))
+        runs[name] = result.output / "model.safetensors"
+    assert_same_weights(runs["a"], runs["b"])
+    wa, wc = weights(runs["a"]), weights(runs["c"])
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_teacher, monkeypatch):
+    overrides = [*TINY_DEIT, "model.drop_path=0.1", "augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", f"teacher.checkpoint={tiny_teacher}", "optim.epochs=3"]
+    straight = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "straight", *overrides)))
+
+    calls = {"n": 0}
+    original = trainer_module.Trainer.train_epoch
+
+    def crash_in_second_epoch(self, epoch, bar):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if the machine went away mid-run
+        return original(self, epoch, bar)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "resumed", *overrides)))
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 1
+    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", original)
+
+    resumed = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "resumed", *overrides)), resume=True)
+    assert_same_weights(straight.output / "model.safetensors", resumed.output / "model.safetensors")
+    keys = ["epoch", "train_loss", "eval_top1", "eval_top1_cls", "eval_top1_dist"]
+    assert [[row[k] for k in keys] for row in straight.history] == [[row[k] for k in keys] for row in resumed.history]
+    rows = list(csv.DictReader(open(resumed.output / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_outputs_checkpoint_and_the_teacher_never_saved(tmp_path, tiny_teacher):
+    result = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "run", *TINY_DEIT, f"teacher.checkpoint={tiny_teacher}")))
+    out = result.output
+    for name in ("checkpoint.pt", "model.safetensors", "metrics.csv", "config.yaml", "summary.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.tmp"))
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    teacher_keys = set(weights(tiny_teacher))
+    student_keys = set(weights(out / "model.safetensors"))
+    assert all(k.startswith("backbone.") for k in state["model"])
+    assert {k.removeprefix("backbone.") for k in state["model"]} == student_keys
+    assert not {k for k in student_keys if k.startswith("features.")}  # nothing of the CNN teacher
+    assert teacher_keys - student_keys == {k for k in teacher_keys if k.startswith("features.")}
+    assert "dist_token" in student_keys and "head_dist.weight" in student_keys
+    blob = open(out / "checkpoint.pt", "rb").read()
+    assert b"features.0.0.weight" not in blob  # the teacher's first conv, by name
+    header = next(csv.reader(open(out / "metrics.csv")))
+    for column in ("epoch", "train_loss", "train_ce@cls", "train_kd_hard@dist", "lr", "eval_top1", "eval_top1_cls", "eval_top1_dist", "eval_top1_mean", "eval_top5", "train_img_per_s"):
+        assert column in header, column
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["final"]["eval_top1"] == result.final["eval_top1"]
+
+
+def test_inference_head_is_the_mean_of_the_heads(tmp_path, tiny_teacher):
+    result = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "run", *TINY_DEIT, f"teacher.checkpoint={tiny_teacher}")))
+    assert result.final["eval_top1"] == result.final["eval_top1_mean"]
+
+
+def test_a_run_folder_is_not_overwritten_and_resume_checks_the_recipe(tmp_path):
+    cfg = load_recipe("demo_teacher", tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny", "optim.epochs=1"))
+    train(cfg)
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg)
+    changed = load_recipe("demo_teacher", tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny", "optim.epochs=2", "optim.lr=0.1"))
+    with pytest.raises(UserError, match="optim.lr"):
+        train(changed, resume=True)
+    longer = load_recipe("demo_teacher", tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny", "optim.epochs=2"))
+    assert len(train(longer, resume=True).history) == 2  # more epochs is a valid resume
+
+
+def test_ema_weights_are_exported_and_evaluated(tmp_path):
+    result = train(load_recipe("demo_teacher", tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny", "engine.ema_decay=0.9")))
+    assert (result.output / "model_ema.safetensors").is_file()
+    assert "ema_top1" in result.final
+
+
+def test_divergence_stops_with_a_clear_error(tmp_path):
+    cfg = load_recipe("demo_teacher", tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny", "optim.lr=1e30", "optim.epochs=2"))
+    with pytest.raises(UserError, match="diverged"):
+        train(cfg)
