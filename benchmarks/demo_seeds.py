@@ -34,7 +34,8 @@ def main() -> None:
         rows.append([stage, f"{statistics.mean(values):.2f} ± {std:.2f}", " ".join(f"{v:.2f}" for v in values)])
     gains = [r["distilled"] - r["student"] for r in runs]
     print(format_table(["stage", "top-1 mean ± std", "per seed"], rows))
-    print(f"distillation gain per seed: {' '.join(f'{g:+.2f}' for g in gains)}; wall time per demo: {' '.join(f'{r['wall_s']:.0f}s' for r in runs)}")
+    walls = " ".join(f"{r['wall_s']:.0f}s" for r in runs)
+    print(f"distillation gain per seed: {' '.join(f'{g:+.2f}' for g in gains)}; wall time per demo: {walls}")
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))
 
