@@ -69,8 +69,9 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path) -> Trainer:
     if objective.needs_teacher:
         assert cfg.teacher is not None  # the schema guarantees it
         teacher = build_online_teacher(cfg.teacher, train_src, mean, std).to(env.device)
-    train_views = Augmenter(train_src, cfg.augment, cfg.seed, mean, std, env.device)
-    eval_views = Augmenter(eval_src, cfg.augment, cfg.seed, mean, std, env.device)
+    placement = dict(placement=cfg.data.placement, workers=cfg.data.workers)
+    train_views = Augmenter(train_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
+    eval_views = Augmenter(eval_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
     return Trainer(cfg, model, objective, train_views, eval_views, teacher, env, output)
 
 

@@ -74,11 +74,12 @@ def plan_mixing(rng: CounterRNG, epoch: int, index: torch.Tensor, partners: torc
     return MixPlan(partner=partner, lam=lam, box=box, is_cutmix=cutmix & mixed, is_mixed=mixed)
 
 
-def box_mask(box: torch.Tensor, size: int) -> torch.Tensor:
-    """``[B, size, size]`` bool: True inside each sample's box (pixel centres)."""
-    coords = torch.arange(size, device=box.device, dtype=box.dtype) + 0.5
-    inside_y = (coords[None, :] > box[:, 1:2]) & (coords[None, :] < box[:, 3:4])
-    inside_x = (coords[None, :] > box[:, 0:1]) & (coords[None, :] < box[:, 2:3])
+def box_mask(box: torch.Tensor, height: int, width: int | None = None) -> torch.Tensor:
+    """``[B, height, width]`` bool: True where the pixel centre is inside the sample's box."""
+    ys = torch.arange(height, device=box.device, dtype=box.dtype) + 0.5
+    xs = torch.arange(width or height, device=box.device, dtype=box.dtype) + 0.5
+    inside_y = (ys[None, :] > box[:, 1:2]) & (ys[None, :] < box[:, 3:4])
+    inside_x = (xs[None, :] > box[:, 0:1]) & (xs[None, :] < box[:, 2:3])
     return inside_y[:, :, None] & inside_x[:, None, :]
 
 

@@ -9,15 +9,19 @@ coordinates, flip, mixing partner, lambda and cutmix box).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from ..config import AugmentConfig
 from ..data import ImageSource
+from ..data.prefetch import prefetch
 from ..rng import CounterRNG
 from .geometry import centre_boxes, render, sample_boxes, sample_flips
 from .mixing import MixPlan, apply_mixing, mixing_enabled, partner_table, plan_mixing
+from .photometric import color_jitter, random_erase
+from .randaugment import parse_rand_augment, rand_augment
 
 
 @dataclass
@@ -48,18 +52,26 @@ class ViewBatch:
 
 
 class Augmenter:
-    """Makes training and evaluation views of one split, on the device where the images are."""
+    """Makes training and evaluation views of one split on ``device``.
 
-    def __init__(self, source: ImageSource, cfg: AugmentConfig, seed: int, mean, std, device: torch.device):
+    The decoded uint8 images live on the device when they fit (``placement``); otherwise in host
+    memory, from where :meth:`train_batches` gathers each step's pixels ahead of time in
+    ``workers`` threads. Views do not depend on either choice.
+    """
+
+    def __init__(self, source: ImageSource, cfg: AugmentConfig, seed: int, mean, std, device: torch.device, placement: str = "auto", workers: int = 4):
         self.source = source
         self.cfg = cfg
         self.rng = CounterRNG(seed)
         self.device = device
-        self.images = place_images(source.images, device)
+        self.workers = workers
+        self.images, self.on_device = place_images(source, device, placement)
         self.labels = source.labels.to(device)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        self._partners: tuple[int, torch.Tensor] | None = None
+        self._partners: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.rand_augment = parse_rand_augment(cfg.rand_augment) if cfg.rand_augment else None
+        self.fill = tuple(float(m) for m in mean)  # timm fills uncovered pixels with the mean colour
 
     @property
     def height(self) -> int:
@@ -72,32 +84,69 @@ class Augmenter:
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
         return self.images[index.to(self.images.device)].to(self.device, non_blocking=True)
 
-    def _partners_for(self, epoch: int) -> torch.Tensor:
+    def _partners_for(self, epoch: int, on_device: bool = False) -> torch.Tensor:
+        """This epoch's partner table (see :func:`partner_table`), on the CPU or the device."""
         if self._partners is None or self._partners[0] != epoch:
-            self._partners = (epoch, partner_table(self.rng, epoch, len(self.source)).to(self.device))
-        return self._partners[1]
+            table = partner_table(self.rng, epoch, len(self.source))
+            self._partners = (epoch, table, table.to(self.device))
+        return self._partners[2] if on_device else self._partners[1]
 
-    def _views(self, index: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Un-normalised [0, 1] views, crop boxes and flips of ``index`` in ``epoch``."""
-        cfg = self.cfg
-        boxes = sample_boxes(self.rng, epoch, index, self.height, self.width, cfg)
-        flips = sample_flips(self.rng, epoch, index, cfg.hflip)
+    def pixels_needed(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Source images a training batch reads: its own, then (with mixing) its partners'."""
+        index = index.cpu()
+        if not mixing_enabled(self.cfg):
+            return index
+        return torch.cat([index, self._partners_for(epoch)[index]])
+
+    def train_batches(self, batches: list[torch.Tensor], epoch: int) -> Iterator[ViewBatch]:
+        """The training views of each index batch, in order (prefetching host-resident pixels)."""
+        if self.on_device:
+            for index in batches:
+                yield self.train_batch(index, epoch)
+            return
+        needed = (self.pixels_needed(index, epoch) for index in batches)
+        for index, pixels in zip(batches, prefetch(self.images, needed, self.device, self.workers)):
+            yield self.train_batch(index, epoch, pixels)
+
+    def _views(self, index: torch.Tensor, epoch: int, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised views of ``index`` in ``epoch``, with their crop boxes and flips.
+
+        Order (timm's): crop + resize, flip, RandAugment or colour jitter, normalise, erase.
+        """
+        cfg, rng = self.cfg, self.rng
+        boxes = sample_boxes(rng, epoch, index, self.height, self.width, cfg)
+        flips = sample_flips(rng, epoch, index, cfg.hflip)
         pad = cfg.pad if cfg.crop == "pad" else 0
-        return render(self._gather(index), boxes, flips, cfg.input_size, pad), boxes, flips
+        images = render(pixels, boxes, flips, cfg.input_size, pad)
+        if self.rand_augment is not None:
+            images = rand_augment(images, rng, epoch, index, self.rand_augment, self.fill)
+        elif cfg.color_jitter:
+            images = color_jitter(images, rng, epoch, index, cfg.color_jitter)
+        images = self.normalise(images)
+        if cfg.erase_prob > 0:
+            images = random_erase(images, rng, epoch, index, cfg.erase_prob)
+        return images, boxes, flips
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
 
-    def train_batch(self, index: torch.Tensor, epoch: int) -> ViewBatch:
-        """The training views of ``index`` (a 1-D int64 tensor) in ``epoch``."""
+    def train_batch(self, index: torch.Tensor, epoch: int, pixels: torch.Tensor | None = None) -> ViewBatch:
+        """The training views of ``index`` (a 1-D int64 tensor) in ``epoch``; ``pixels`` are the
+        source images of :meth:`pixels_needed` when already gathered."""
+        if pixels is None:
+            pixels = self._gather(self.pixels_needed(index, epoch))
         index = index.to(self.device)
-        images, boxes, flips = self._views(index, epoch)
+        n = index.shape[0]
+        images, boxes, flips = self._views(index, epoch, pixels[:n])
         plan = self._plan(index, epoch)
         if mixing_enabled(self.cfg):
-            partner_images, _, _ = self._views(plan.partner, epoch)
+            # Partner views are rendered for every sample (unmixed ones ignore theirs): no
+            # data-dependent shapes, no device sync.
+            table_partner = self._partners_for(epoch, on_device=True)[index]
+            partner_images, _, _ = self._views(table_partner, epoch, pixels[n:])
             images = apply_mixing(images, partner_images, plan)
         return ViewBatch(
-            images=self.normalise(images),
+            images=images,
             labels=self.labels[index],
             index=index,
             epoch=epoch,
@@ -111,7 +160,7 @@ class Augmenter:
 
     def _plan(self, index: torch.Tensor, epoch: int) -> MixPlan:
         if mixing_enabled(self.cfg):
-            return plan_mixing(self.rng, epoch, index, self._partners_for(epoch), self.cfg, self.cfg.input_size)
+            return plan_mixing(self.rng, epoch, index, self._partners_for(epoch, on_device=True), self.cfg, self.cfg.input_size)
         n = index.shape[0]
         false = torch.zeros(n, dtype=torch.bool, device=self.device)
         return MixPlan(partner=index, lam=torch.ones(n, device=self.device), box=torch.zeros(n, 4, device=self.device), is_cutmix=false, is_mixed=false)
@@ -138,12 +187,20 @@ class Augmenter:
         )
 
 
-def place_images(images: torch.Tensor, device: torch.device, max_fraction: float = 0.4) -> torch.Tensor:
-    """Keep the uint8 image array on the GPU when it fits in ``max_fraction`` of free memory,
-    else in pinned host memory (copied per batch without blocking)."""
-    if device.type != "cuda":
-        return images
-    free, _ = torch.cuda.mem_get_info(device)
-    if images.numel() <= max_fraction * free:
-        return images.to(device)
-    return images.pin_memory()
+def place_images(source: ImageSource, device: torch.device, placement: str = "auto", max_fraction: float = 0.4) -> tuple[torch.Tensor, bool]:
+    """Where the uint8 images live, and whether that is the compute device.
+
+    ``auto``: on the GPU when they take at most ``max_fraction`` of its free memory; on a CPU
+    device, in place unless memory-mapped (then read ahead by threads). ``device``/``host``
+    force either.
+    """
+    images = source.images
+    if placement == "auto":
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            placement = "device" if images.numel() <= max_fraction * free else "host"
+        else:
+            placement = "host" if source.memory_mapped else "device"
+    if placement == "device":
+        return images.to(device), True
+    return images, False

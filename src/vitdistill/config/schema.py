@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,10 +39,13 @@ class DataConfig:
     source_size: int | None = None  # decode variable-sized images to this square size
     cache_dir: str | None = None  # decoded-array cache; default $VITDISTILL_CACHE or ~/.cache/vitdistill
     download: bool = False  # torchvision CIFAR only
+    placement: Literal["auto", "device", "host"] = "auto"  # decoded images on the GPU, or host + prefetch
+    workers: int = 4  # threads that gather host-resident images ahead of the GPU
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
     def validate(self, key: str) -> None:
+        _check(self.workers >= 0, _join(key, "workers"), "must be >= 0")
         for name in ("train_limit", "eval_limit", "source_size"):
             value = getattr(self, name)
             _check(value is None or value > 0, _join(key, name), "must be positive")
@@ -61,6 +64,9 @@ class AugmentConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # rrc aspect range
     pad: int = 4  # pad-and-crop padding (zeros), in source pixels
     hflip: float = 0.5
+    rand_augment: str | None = None  # timm syntax, e.g. rand-m9-mstd0.5-inc1 (replaces color_jitter)
+    color_jitter: float | None = None  # brightness/contrast/saturation strength, e.g. 0.4
+    erase_prob: float = 0.0  # random erasing (timm's, mode pixel), after normalisation
     eval_crop_pct: float = 1.0  # evaluation: centre crop of this fraction, resized to input_size
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
@@ -73,10 +79,18 @@ class AugmentConfig:
         _check(0 < self.ratio[0] <= self.ratio[1], _join(key, "ratio"), "needs 0 < min <= max")
         _check(self.pad >= 0, _join(key, "pad"), "must be >= 0")
         _check(0 < self.eval_crop_pct <= 1, _join(key, "eval_crop_pct"), "must be in (0, 1]")
-        for name in ("hflip", "mix_prob", "switch_prob"):
+        for name in ("hflip", "mix_prob", "switch_prob", "erase_prob"):
             _check(0 <= getattr(self, name) <= 1, _join(key, name), "must be a probability in [0, 1]")
         for name in ("mixup_alpha", "cutmix_alpha"):
             _check(getattr(self, name) >= 0, _join(key, name), "must be >= 0")
+        _check(self.color_jitter is None or self.color_jitter >= 0, _join(key, "color_jitter"), "must be >= 0")
+        if self.rand_augment is not None:
+            from ..augment.randaugment import parse_rand_augment
+
+            try:
+                parse_rand_augment(self.rand_augment)
+            except UserError as err:
+                raise ConfigError(_join(key, "rand_augment"), str(err)) from None
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """ImageFolder splits (``root/<split>/<class>/<file>``), from a folder or an archive of one.
 
-Images are decoded once, in parallel, into a ``.npy`` array in the cache folder, and memory
-mapped afterwards. Variable-sized images are resized (short side) and centre-cropped to
-``data.source_size`` so that the split is one array; same-sized images are kept as they are.
+Images are decoded once, in parallel, straight into a ``.npy`` file in the cache folder (written
+through a memory map, so ImageNet-sized splits never need to fit in RAM). Later runs load the
+file into RAM when it takes at most half of the available memory, and memory-map it otherwise.
+Variable-sized images are resized (short side) and centre-cropped to ``data.source_size`` so that
+the split is one array; same-sized images are kept as they are.
 """
 
 from __future__ import annotations
@@ -94,10 +96,12 @@ def _decode(args: tuple[str, int | None]) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-def decode_files(paths: list[str], size: int | None, out: Path, desc: str) -> np.ndarray:
+def decode_files(paths: list[str], size: int | None, out: Path, desc: str) -> None:
     """Decode all ``paths`` into one ``[N, H, W, 3]`` array saved (atomically) at ``out``."""
     first = _decode((paths[0], size))
-    array = np.empty((len(paths), *first.shape), dtype=np.uint8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}.npy")
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *first.shape))
     workers = max(1, min(len(os.sched_getaffinity(0)), 16))
     chunksize = max(1, len(paths) // (workers * 16))
     jobs = [(p, size) for p in paths]
@@ -109,11 +113,27 @@ def decode_files(paths: list[str], size: int | None, out: Path, desc: str) -> np
                     f"{paths[0]} is {first.shape[1]}x{first.shape[0]}); set data.source_size to decode them to one size"
                 )
             array[i] = img
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}.npy")
-    np.save(tmp, array)
+    array.flush()
+    del array
     os.replace(tmp, out)
-    return array
+
+
+def ram_budget() -> int:
+    """Bytes of decoded images we are willing to hold in RAM: half of what is available."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return available // 2
+
+
+def load_decoded(path: Path) -> tuple[torch.Tensor, bool]:
+    """The decoded array, in RAM when it fits the budget, else memory-mapped (copy-on-write:
+    writable for torch, never written back). Returns it and whether it is memory-mapped."""
+    if path.stat().st_size <= ram_budget():
+        return torch.from_numpy(np.load(path)), False
+    return torch.from_numpy(np.load(path, mmap_mode="c")), True
 
 
 class _Inline:
@@ -148,15 +168,15 @@ def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSou
     items_hash = hash_items([f"{f}\t{y}" for f, y in zip(files, labels)])
     key = hash_items([items_hash, str(cfg.source_size), str(split_dir.resolve())])[:20]
     array_path = cache / "decoded" / f"{split_dir.parent.name}-{split}-{len(files)}-{key}.npy"
-    if array_path.is_file():
-        array = np.load(array_path)
-    else:
+    if not array_path.is_file():
         paths = [str(split_dir / f) for f in files]
-        array = decode_files(paths, cfg.source_size, array_path, desc=f"decoding {split_dir.parent.name}/{split}")
+        decode_files(paths, cfg.source_size, array_path, desc=f"decoding {split_dir.parent.name}/{split}")
+    images, memory_mapped = load_decoded(array_path)
     return ImageSource(
-        images=torch.from_numpy(array),
+        images=images,
         labels=torch.tensor(labels, dtype=torch.int64),
         classes=classes,
         name=f"imagefolder:{split_dir.parent.name}/{split}",
         items_hash=items_hash,
+        memory_mapped=memory_mapped,
     )

@@ -27,6 +27,7 @@ class ImageSource:
     classes: list[str]
     name: str  # e.g. "imagefolder:cifar10/train"
     items_hash: str  # hash of the ordered sample list (file names + labels)
+    memory_mapped: bool = False  # images read from disk on demand (larger than the RAM budget)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

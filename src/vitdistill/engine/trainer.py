@@ -151,21 +151,9 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         images = 0
         start = time.perf_counter()
-        for step, index in enumerate(batches):
-            batch = self.train_views.train_batch(index, epoch)
-            with autocast(env.device, cfg.engine.precision):
-                prediction = self.teacher(batch) if self.teacher is not None else None
-                loss, parts = self.ddp(batch, prediction)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.clip_grad is not None:
-                nn.utils.clip_grad_norm_(self.step_module.parameters(), cfg.optim.clip_grad)
-            self.optimizer.step()
-            self.num_updates += 1
-            self.scheduler.step_update(self.num_updates)
-            if self.ema is not None:
-                self.ema.update(self.model, step=self.num_updates)
-            for key, value in {"loss": loss.detach(), **parts}.items():
+        for step, batch in enumerate(self.train_views.train_batches(batches, epoch)):
+            loss, parts = self.train_step(batch)
+            for key, value in {"loss": loss, **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value.float()
             images += len(batch)
             bar.update(1)
@@ -180,6 +168,24 @@ class Trainer:
         stats = {f"train_{k}": v for k, v in zip(names, means.tolist())}
         stats.update(lr=self.lr, train_time_s=elapsed, train_img_per_s=images * env.world / elapsed)
         return stats
+
+    def train_step(self, batch: ViewBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One update on one batch of views: teacher, forward, objective, backward, step, EMA.
+        Returns the (detached) total loss and each term's value."""
+        cfg = self.cfg
+        with autocast(self.env.device, cfg.engine.precision):
+            prediction = self.teacher(batch) if self.teacher is not None else None
+            loss, parts = self.ddp(batch, prediction)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.clip_grad is not None:
+            nn.utils.clip_grad_norm_(self.step_module.parameters(), cfg.optim.clip_grad)
+        self.optimizer.step()
+        self.num_updates += 1
+        self.scheduler.step_update(self.num_updates)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.num_updates)
+        return loss.detach(), parts
 
     @property
     def lr(self) -> float:

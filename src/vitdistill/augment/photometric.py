@@ -1,0 +1,72 @@
+"""Colour jitter and random erasing, batched and keyed by (seed, epoch, index).
+
+Same semantics as torchvision's ``ColorJitter`` (brightness, contrast, saturation; we apply them in
+a fixed order rather than torchvision's random order) and timm's ``RandomErasing`` (``mode='pixel'``,
+one box, up to 10 tries); ours are batched on the device and replayable per sample, which the
+originals (one image at a time, global random state) are not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..rng import CounterRNG
+from .mixing import box_mask
+
+ERASE_TRIES = 10
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+
+
+def grey(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma ``0.2989 R + 0.587 G + 0.114 B`` (torchvision's), ``[B, 1, H, W]``."""
+    r, g, b = images.unbind(dim=1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def color_jitter(images: torch.Tensor, rng: CounterRNG, epoch: int, index: torch.Tensor, strength: float) -> torch.Tensor:
+    """Brightness, contrast and saturation factors ``f ~ U[max(0, 1 - s), 1 + s]`` per sample.
+
+    brightness: ``x * f``; contrast: ``x * f + mean(grey(x)) * (1 - f)``;
+    saturation: ``x * f + grey(x) * (1 - f)``; each result clamped to [0, 1].
+    """
+    u = rng.uniform(epoch, index, "color-jitter", 3).to(images.dtype)
+    low = max(0.0, 1.0 - strength)
+    f = (low + (1.0 + strength - low) * u).view(-1, 3, 1, 1, 1).unbind(dim=1)
+    x = (images * f[0]).clamp(0, 1)
+    x = (x * f[1] + grey(x).mean(dim=(1, 2, 3), keepdim=True) * (1 - f[1])).clamp(0, 1)
+    return (x * f[2] + grey(x) * (1 - f[2])).clamp(0, 1)
+
+
+def erase_boxes(rng: CounterRNG, epoch: int, index: torch.Tensor, height: int, width: int, prob: float) -> torch.Tensor:
+    """timm's RandomErasing box per sample, ``(x1, y1, x2, y2)`` in pixels; empty when not erased.
+
+    Area ``U[0.02, 1/3]`` of the image, log-aspect ``U[log 0.3, log 1/0.3]``; the first of 10 tries
+    that fits strictly inside the image is used (none fits: nothing is erased).
+    """
+    u = rng.uniform(epoch, index, "erase", 1 + 4 * ERASE_TRIES)
+    apply = u[:, 0] < prob
+    t = u[:, 1:].view(-1, ERASE_TRIES, 4)
+    area = height * width * (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * t[..., 0])
+    aspect = torch.exp(ERASE_LOG_ASPECT[0] + (ERASE_LOG_ASPECT[1] - ERASE_LOG_ASPECT[0]) * t[..., 1])
+    h = torch.round(torch.sqrt(area * aspect))
+    w = torch.round(torch.sqrt(area / aspect))
+    fits = (w < width) & (h < height)
+    y1 = torch.floor(t[..., 2] * (height - h + 1))
+    x1 = torch.floor(t[..., 3] * (width - w + 1))
+    first = torch.argmax(fits.to(torch.int8), dim=1, keepdim=True)
+    pick = lambda v: torch.gather(v, 1, first).squeeze(1)  # noqa: E731
+    boxes = torch.stack([pick(x1), pick(y1), pick(x1 + w), pick(y1 + h)], dim=1)
+    keep = apply & fits.any(dim=1)
+    return torch.where(keep[:, None], boxes, torch.zeros_like(boxes))
+
+
+def random_erase(images: torch.Tensor, rng: CounterRNG, epoch: int, index: torch.Tensor, prob: float) -> torch.Tensor:
+    """Replace each sample's erase box by per-pixel ``N(0, 1)`` noise (normalised images)."""
+    n, c, height, width = images.shape
+    boxes = erase_boxes(rng, epoch, index, height, width, prob)
+    inside = box_mask(boxes, height, width)[:, None]
+    noise = rng.normal(epoch, index, "erase-noise", c * height * width).view(n, c, height, width).to(images.dtype)
+    return torch.where(inside, noise, images)

@@ -1,0 +1,96 @@
+"""Colour jitter and erasing against their definitions; host-resident data with prefetching
+gives the same views as device-resident data, for any number of gathering threads."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from vitdistill.augment import Augmenter
+from vitdistill.augment.photometric import color_jitter, erase_boxes, random_erase
+from vitdistill.config import AugmentConfig, DataConfig
+from vitdistill.data import open_source, train_batches
+from vitdistill.data import imagefolder
+from vitdistill.rng import CounterRNG
+
+from test_augment import synthetic_source
+
+
+def test_color_jitter_matches_torchvision_with_the_same_factors():
+    rng, index = CounterRNG(4), torch.arange(6)
+    images = torch.rand(6, 3, 9, 7)
+    out = color_jitter(images, rng, 0, index, 0.4)
+    u = rng.uniform(0, index, "color-jitter", 3)
+    factors = 0.6 + 0.8 * u
+    for i in range(6):
+        b, c, s = factors[i].tolist()
+        expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(images[i], b), c), s)
+        assert torch.allclose(out[i], expected, atol=1e-5), i
+    assert (factors.min() >= 0.6) and (factors.max() <= 1.4)
+
+
+def test_erase_boxes_follow_timm_ranges_and_probability():
+    rng, n = CounterRNG(0), 4000
+    boxes = erase_boxes(rng, 0, torch.arange(n), 32, 24, prob=0.25)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    erased = w > 0
+    assert abs(erased.float().mean().item() - 0.25) < 0.03
+    area = (w * h)[erased] / (32 * 24)
+    assert area.min() > 0.015 and area.max() < 1 / 3 + 0.05  # rounding of the sides
+    aspect = (h / w)[erased]
+    assert aspect.min() > 0.3 * 0.7 and aspect.max() < 1 / 0.3 * 1.4
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 24).all() and (boxes[:, 3] <= 32).all()
+
+
+def test_random_erase_replaces_only_the_box_with_standard_noise():
+    rng = CounterRNG(1)
+    images = torch.full((200, 3, 16, 16), 7.0)
+    out = random_erase(images, rng, 0, torch.arange(200), prob=1.0)
+    changed = (out != 7.0).any(dim=1)
+    boxes = erase_boxes(rng, 0, torch.arange(200), 16, 16, prob=1.0)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert torch.equal(changed.sum(dim=(1, 2)).float(), area)
+    noise = out[out != 7.0]
+    assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05
+
+
+FULL = AugmentConfig(input_size=10, crop="rrc", hflip=0.5, color_jitter=0.4, erase_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_host_resident_prefetch_gives_the_same_views(workers):
+    source = synthetic_source(40, 12)
+    on_device = Augmenter(source, FULL, 9, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), placement="device")
+    host = Augmenter(source, FULL, 9, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), placement="host", workers=workers)
+    assert on_device.on_device and not host.on_device
+    batches = train_batches(len(source), 8, on_device.rng, epoch=1)
+    for a, b in zip(on_device.train_batches(batches, 1), host.train_batches(batches, 1)):
+        for field in ("images", "boxes", "flips", "partner", "lam", "mix_boxes"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_photometric_views_still_replay_across_batch_sizes():
+    aug = Augmenter(synthetic_source(), FULL, 5, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    index = torch.tensor([0, 7, 3, 19, 4, 11])
+    whole = aug.train_batch(index, epoch=2).images
+    parts = torch.cat([aug.train_batch(index[:2], 2).images, aug.train_batch(index[2:], 2).images])
+    assert torch.equal(whole, parts)
+
+
+def test_large_decoded_arrays_are_memory_mapped(monkeypatch, tmp_path):
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "data" / "train" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (6, 5), (40 * i, 100, 7)).save(tmp_path / "data" / "train" / label / f"{i}.png")
+    cfg = DataConfig(source="imagefolder", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    in_ram = open_source(cfg, "train")
+    monkeypatch.setattr(imagefolder, "ram_budget", lambda: 0)
+    mapped = open_source(cfg, "train")
+    assert not in_ram.memory_mapped and mapped.memory_mapped
+    assert torch.equal(in_ram.images, mapped.images) and in_ram.images.shape == (6, 5, 6, 3)
+    aug = Augmenter(mapped, AugmentConfig(input_size=4), 0, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+    assert not aug.on_device  # memory-mapped data is read ahead by threads, even on a CPU device
