@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,41 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _write_json(args.json, result)
 
 
+def cmd_bench_throughput(args: argparse.Namespace) -> None:
+    from .bench.throughput import run
+
+    data = {"cifar32": args.data_cifar32, "imagenet224": args.data_imagenet224}
+    overrides = {"student": args.student, "teacher": args.teacher, "synthetic_images": args.synthetic_images}
+    run(args.regimes, data, Path(args.cache), args.batch_size, args.workers, args.warmup, args.steps, args.compile, args.device, args.json, **overrides)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from .analysis import analyze
+
+    result = analyze(
+        args.checkpoint,
+        args.output,
+        data=args.data,
+        split=args.split,
+        overrides=_split_overrides(args.overrides),
+        compare=args.compare,
+        images=args.images,
+        landscape_images=args.landscape_images,
+        landscape_steps=args.landscape_steps,
+        landscape_grid=args.landscape_grid,
+        landscape_span=args.landscape_span,
+        device=args.device,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    for model in result["models"]:
+        last = model["layers"]["patch_cosine"][-1] if model.get("layers") else None
+        extra = f", last-layer patch cosine similarity {last:.3f}" if last is not None else ""
+        print(f"{model['label']}: top-1 {model['top1']:.2f}% on {result['images']} images{extra}")
+    print(f"vitdistill: report in {Path(args.output) / 'report.md'}")
+    _write_json(args.json, result)
+
+
 def cmd_recipes(args: argparse.Namespace) -> None:
     from .config import list_recipes, read_recipe
 
@@ -103,6 +139,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("analyze", help="diagnostics of a trained ViT: token similarity, attention, loss landscape; plots + report")
+    p.add_argument("checkpoint", help="run folder, model.safetensors or checkpoint.pt")
+    p.add_argument("overrides", nargs="*", help="data.key=value overrides")
+    p.add_argument("--compare", metavar="OTHER", help="a second model, drawn on the same axes")
+    p.add_argument("--output", default="runs/analysis", help="folder for analysis.json, the PNGs and report.md")
+    p.add_argument("--data", help="digits, cifar10, cifar100, or an ImageFolder folder/archive (default: the run's data)")
+    p.add_argument("--split", help="split to analyse (default: the run's eval split)")
+    p.add_argument("--images", type=int, default=256, help="images for the token/attention statistics")
+    p.add_argument("--landscape-images", type=int, default=256, help="images for the loss landscape (0: skip it)")
+    p.add_argument("--landscape-steps", type=int, default=21, help="points of the 1-D landscape")
+    p.add_argument("--landscape-grid", type=int, default=11, help="points per axis of the 2-D landscape (0: skip it)")
+    p.add_argument("--landscape-span", type=float, default=1.0, help="directions are scaled over [-span, span]")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("bench", help="benchmarks (throughput)")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    p = bench.add_parser("throughput", help="images/s: bare step vs vitdistill's data path vs a CPU DataLoader, one run")
+    p.add_argument("--regimes", nargs="+", default=["cifar32", "imagenet224"], choices=["cifar32", "imagenet224"])
+    p.add_argument("--data-cifar32", help="CIFAR-10 ImageFolder or archive (default: synthetic 32x32 JPEGs)")
+    p.add_argument("--data-imagenet224", help="ImageFolder of full-size images (default: synthetic JPEGs, 320-500 px)")
+    p.add_argument("--synthetic-images", type=int, default=2000, help="size of the synthetic stand-in datasets")
+    p.add_argument("--batch-size", type=int, help="default: 1024 at 32x32, 256 at 224x224")
+    p.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)), help="DataLoader workers of (d)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache", default=".cache/bench", help="decoded images, synthetic data, random teachers")
+    p.add_argument("--student", help="replace the regime's student (timm name)")
+    p.add_argument("--teacher", help="replace the regime's teacher (timm name)")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(fn=cmd_bench_throughput)
 
     p = sub.add_parser("recipes", help="list the packaged recipes")
     p.set_defaults(fn=cmd_recipes)

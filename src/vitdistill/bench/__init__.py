@@ -1,0 +1,1 @@
+"""Benchmarks shipped with the package (``vitdistill bench ...``); scripts in benchmarks/ call them."""

@@ -1,0 +1,286 @@
+"""Images/s of the training step with each data path, measured in one run on one model.
+
+    (a) bare      the student's step on random tensors already on the device (the ceiling)
+    (b) pipeline  vitdistill's data path (decoded-once images, seeded batched augmentation)
+    (c) teacher   (b) plus an online teacher and hard distillation
+    (d) loader    the conventional path: torchvision ImageFolder decoding JPEGs each epoch,
+                  timm ``create_transform`` (RandAugment, erasing) in DataLoader workers, timm
+                  ``Mixup`` on the device; with and without the online teacher
+
+Every variant runs the engine's own ``Trainer.train_step`` (bf16 autocast on CUDA, AdamW), so
+only the data path differs. Teachers and students have random weights: speed does not depend
+on them. Two regimes: DeiT-Ti/4 at 32x32 with a CIFAR ResNet-18 teacher, and DeiT-Ti/16 at
+224x224 with a RegNetY-160 teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig, RunConfig, config_from_dict
+from ..data import train_batches
+from ..engine.distributed import DistEnv, resolve_device
+from ..models import build_model, export_model
+
+
+@dataclass
+class Regime:
+    name: str
+    input_size: int
+    student: dict
+    teacher: str
+    teacher_small_stem: bool
+    augment: dict
+    source_size: int | None = None
+    batch_size: int = 256
+    synthetic_sizes: tuple[int, int] = (320, 500)  # image sides of the synthetic stand-in data
+
+
+FULL_AUGMENT = {"rand_augment": "rand-m9-mstd0.5-inc1", "erase_prob": 0.25, "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "hflip": 0.5}
+
+REGIMES = {
+    "cifar32": Regime(
+        name="cifar32",
+        input_size=32,
+        student={"name": "deit_tiny_distilled_patch16_224", "img_size": 32, "patch_size": 4},
+        teacher="resnet18",
+        teacher_small_stem=True,
+        augment={"crop": "pad", "pad": 4, **FULL_AUGMENT},
+        batch_size=1024,
+        synthetic_sizes=(32, 32),
+    ),
+    "imagenet224": Regime(
+        name="imagenet224",
+        input_size=224,
+        student={"name": "deit_tiny_distilled_patch16_224"},
+        teacher="regnety_160",
+        teacher_small_stem=False,
+        augment={"crop": "rrc", **FULL_AUGMENT},
+        source_size=256,
+        batch_size=256,
+    ),
+}
+
+
+def synthetic_imagefolder(root: Path, count: int, classes: int = 10, sizes=(320, 500), seed: int = 0) -> Path:
+    """An ImageFolder of smooth random JPEGs of ImageNet-like sizes (made once), for the 224
+    regime when no real dataset is given. JPEG decoding cost is what matters, not content."""
+    from PIL import Image
+
+    split = root / "train"
+    marker = root / f".complete-{count}"
+    if marker.is_file():
+        return root
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = split / f"class{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = rng.integers(sizes[0], sizes[1] + 1, size=2)
+        small = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+        img = small.resize((int(w), int(h)), Image.BICUBIC)
+        noise = rng.integers(-12, 13, (int(h), int(w), 3))
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+        img.save(folder / f"{i:06d}.jpg", quality=90)
+    marker.touch()
+    return root
+
+
+def make_config(regime: Regime, data_root: str, cache: str, teacher_file: Path | None, batch_size: int, compile_model: bool, device: str) -> RunConfig:
+    objective = [{"term": "ce", "weight": 0.5, "head": "cls", "smoothing": 0.1}]
+    if teacher_file is not None:
+        objective.append({"term": "kd_hard", "weight": 0.5})  # the distillation head when there is one
+    raw = {
+        "name": f"bench-{regime.name}",
+        "data": {"source": "imagefolder", "root": data_root, "cache_dir": cache, "source_size": regime.source_size, "eval_split": "train"},
+        "augment": {"input_size": regime.input_size, **regime.augment},
+        "model": regime.student,
+        "objective": objective,
+        "optim": {"epochs": 1, "batch_size": batch_size, "warmup_epochs": 0},
+        "engine": {"device": device, "compile": compile_model, "progress": False, "tensorboard": False},
+    }
+    if teacher_file is not None:
+        raw["teacher"] = {"checkpoint": str(teacher_file)}
+    return config_from_dict(raw)
+
+
+def random_teacher(regime: Regime, num_classes: int, cache: Path) -> Path:
+    path = cache / f"random-{regime.teacher}-{num_classes}.safetensors"
+    if not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        model = build_model(ModelConfig(name=regime.teacher, small_input_stem=regime.teacher_small_stem), num_classes)
+        export_model(model, path)
+    return path
+
+
+def timed(step, batches, warmup: int, steps: int, device: torch.device) -> float:
+    """Images/s of ``step`` over ``steps`` batches after ``warmup`` untimed ones."""
+    it = iter(batches)
+    for _ in range(warmup):
+        step(next(it))
+    sync(device)
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        images += step(next(it))
+    sync(device)
+    return images / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_vitdistill(trainer, warmup: int, steps: int) -> float:
+    """The engine's own data path: epoch after epoch of seeded views (with prefetching when the
+    images are host-resident)."""
+    device = trainer.env.device
+    views = trainer.train_views
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from views.train_batches(train_batches(len(views.source), trainer.cfg.optim.batch_size, views.rng, epoch), epoch)
+            epoch += 1
+
+    def step(batch):
+        trainer.train_step(batch)
+        return len(batch)
+
+    return timed(step, batches(), warmup, steps, device)
+
+
+def measure_bare(trainer, warmup: int, steps: int) -> float:
+    """The student's step on one random batch reused: no data path at all."""
+    device = trainer.env.device
+    real = next(trainer.train_views.train_batches([torch.arange(trainer.cfg.optim.batch_size)], 0))
+    real.images = torch.randn_like(real.images)
+
+    def step(batch):
+        trainer.train_step(batch)
+        return len(batch)
+
+    return timed(step, iter(lambda: real, None), warmup, steps, device)
+
+
+def measure_cpu_loader(trainer, split_dir: Path, regime: Regime, workers: int, warmup: int, steps: int) -> float:
+    """timm's conventional path: JPEG decode + transforms in DataLoader workers, Mixup on device."""
+    from timm.data import Mixup, create_transform
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from ..augment import ViewBatch
+
+    cfg, device = trainer.cfg, trainer.env.device
+    transform = create_transform(
+        regime.input_size,
+        is_training=True,
+        auto_augment=regime.augment.get("rand_augment"),
+        re_prob=regime.augment.get("erase_prob", 0.0),
+        re_mode="pixel",
+        interpolation="bicubic",
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+    )
+    dataset = ImageFolder(str(split_dir), transform=transform)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.optim.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=len(dataset.classes))
+
+    def batches():
+        while True:
+            for images, labels in loader:
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                images, _ = mixup(images, labels)
+                n = labels.shape[0]
+                # Same objective cost as the other variants (timm's soft targets are not used).
+                yield ViewBatch(
+                    images=images, labels=labels, index=torch.arange(n, device=device), epoch=0,
+                    boxes=torch.zeros(n, 4, device=device), flips=torch.zeros(n, dtype=torch.bool, device=device),
+                    partner=torch.arange(n, device=device), partner_labels=labels, lam=torch.ones(n, device=device),
+                    mix_boxes=torch.zeros(n, 4, device=device),
+                )
+
+    def step(batch):
+        trainer.train_step(batch)
+        return len(batch)
+
+    return timed(step, batches(), warmup, steps, device)
+
+
+def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: int | None, workers: int, warmup: int, steps: int,
+               compile_model: bool, device: str, student: str | None = None, teacher: str | None = None, synthetic_images: int = 2000) -> dict:
+    from ..data.imagefolder import resolve_split_dir, unpack_archive
+    from ..runner import build_trainer  # late: the runner imports most of the package
+
+    if student:
+        regime = replace(regime, student={**regime.student, "name": student})
+    if teacher:
+        regime = replace(regime, teacher=teacher)
+    if data_root is None:
+        folder = cache / f"synthetic-{regime.name}-{synthetic_images}"
+        data_root = str(synthetic_imagefolder(folder, synthetic_images, sizes=regime.synthetic_sizes))
+    batch_size = batch_size or regime.batch_size
+    env = DistEnv(rank=0, world=1, device=resolve_device(device))
+    root = Path(data_root)
+    split_dir = resolve_split_dir(unpack_archive(root, cache) if root.is_file() else root, "train")
+    results: dict = {"regime": regime.name, "batch_size": batch_size, "input_size": regime.input_size, "student": regime.student["name"],
+                     "teacher": regime.teacher, "compile": compile_model, "loader_workers": workers, "steps": steps}
+    plain = build_trainer(make_config(regime, data_root, str(cache), None, batch_size, compile_model, device), env, cache / "unused")
+    results["a_bare_img_s"] = measure_bare(plain, warmup, steps)
+    results["b_pipeline_img_s"] = measure_vitdistill(plain, warmup, steps)
+    results["d_loader_img_s"] = measure_cpu_loader(plain, split_dir, regime, workers, warmup, steps)
+    teacher_file = random_teacher(regime, plain.train_views.source.num_classes, cache)
+    del plain
+    taught = build_trainer(make_config(regime, data_root, str(cache), teacher_file, batch_size, compile_model, device), env, cache / "unused")
+    results["c_pipeline_teacher_img_s"] = measure_vitdistill(taught, warmup, steps)
+    results["d_loader_teacher_img_s"] = measure_cpu_loader(taught, split_dir, regime, workers, warmup, steps)
+    results["c_over_a"] = results["c_pipeline_teacher_img_s"] / results["a_bare_img_s"]
+    results["c_over_d_teacher"] = results["c_pipeline_teacher_img_s"] / results["d_loader_teacher_img_s"]
+    return results
+
+
+def describe_machine(device: str) -> dict:
+    import timm
+
+    dev = resolve_device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": name, "torch": torch.__version__, "timm": timm.__version__, "cpu_count": len(os.sched_getaffinity(0))}
+
+
+def run(regimes: list[str], data: dict[str, str | None], cache: Path, batch_size: int | None, workers: int, warmup: int, steps: int,
+        compile_model: bool, device: str, json_path: str | None = None, **model_overrides) -> dict:
+    report = {"machine": describe_machine(device), "results": []}
+    for name in regimes:
+        regime = REGIMES[name]
+        result = run_regime(regime, data.get(name), cache, batch_size, workers, warmup, steps, compile_model, device, **model_overrides)
+        report["results"].append(result)
+        print(format_result(result), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_result(r: dict) -> str:
+    lines = [f"{r['regime']}: {r['student']} @ {r['input_size']}, teacher {r['teacher']}, batch {r['batch_size']}, compile {r['compile']}"]
+    for key, label in (("a_bare_img_s", "(a) bare model step"), ("b_pipeline_img_s", "(b) vitdistill pipeline"),
+                       ("c_pipeline_teacher_img_s", "(c) vitdistill pipeline + teacher"), ("d_loader_img_s", "(d) CPU loader"),
+                       ("d_loader_teacher_img_s", "(d) CPU loader + teacher")):
+        lines.append(f"  {label:36s} {r[key]:12,.0f} img/s")
+    lines.append(f"  (c)/(a) = {r['c_over_a']:.2f}   (c)/(d with teacher) = {r['c_over_d_teacher']:.2f}")
+    return "\n".join(lines)
