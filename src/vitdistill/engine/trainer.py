@@ -71,7 +71,9 @@ class Trainer:
         # unused (e.g. a distillation head without a term) need no per-step graph search.
         self.ddp = DistributedDataParallel(self.step_module, static_graph=True) if env.world > 1 else self.step_module
         self.steps = steps_per_epoch(len(train_views.source), cfg.optim.batch_size)
-        self.optimizer = build_optimizer(self.model.backbone, list(self.objective.parameters()), cfg.optim)
+        # Parameters outside the timm model (a token head; an objective's projector) get their own group.
+        extra = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")] + list(self.objective.parameters())
+        self.optimizer = build_optimizer(self.model.backbone, extra, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps)
         self.ema = None
         if cfg.engine.ema_decay is not None:

@@ -20,10 +20,12 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import UserError
 from . import convnet  # noqa: F401  (registers our small CNNs in timm)
+from .adapt import adapt_kwargs
 from .output import ModelOutput
 from .stems import use_small_input_stem
 
 SPEC_KEY = "vitdistill"
+EXTRA_PREFIX = "_vitdistill."  # keys of weights that are not the timm model's (e.g. our token head)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class ModelSpec:
     input_size: int | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    token_head: bool = False  # a linear classifier on every patch token (token labeling)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, num_classes: int, **conventions) -> "ModelSpec":
@@ -46,7 +49,8 @@ class ModelSpec:
             kwargs["img_size"] = cfg.img_size
         if cfg.patch_size is not None:
             kwargs["patch_size"] = cfg.patch_size
-        return cls(name=cfg.name, num_classes=num_classes, kwargs=kwargs, small_input_stem=cfg.small_input_stem, **conventions)
+        kwargs = adapt_kwargs(cfg.name, kwargs)
+        return cls(name=cfg.name, num_classes=num_classes, kwargs=kwargs, small_input_stem=cfg.small_input_stem, token_head=cfg.token_head, **conventions)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -60,11 +64,18 @@ class ModelSpec:
         return cls(**data)
 
 
+def is_vit(net: nn.Module) -> bool:
+    """A token model with timm's ViT interface (tokens, prefix tokens, intermediates)."""
+    return all(hasattr(net, a) for a in ("blocks", "num_prefix_tokens", "forward_features", "forward_intermediates"))
+
+
 class VisionModel(nn.Module):
     """A timm model with a uniform forward: :class:`ModelOutput` for any architecture.
 
     DeiT-style distilled ViTs (a ``head_dist``) give both heads' logits in training and in
     evaluation (timm's own forward averages them in eval mode, hiding each head's accuracy).
+    ViTs also give their tokens, per-token logits (a model's own ``aux_head``, or ours when
+    ``spec.token_head``), and the patch tokens of the blocks in ``capture_blocks``.
     """
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec):
@@ -72,15 +83,69 @@ class VisionModel(nn.Module):
         self.backbone = backbone
         self.spec = spec
         self.has_dist_head = hasattr(backbone, "head_dist")
+        self.is_vit = is_vit(backbone)
+        self.capture_blocks: tuple[int, ...] = ()
+        self.bn_frozen = False
+        self.token_head = None
+        if spec.token_head and not hasattr(backbone, "aux_head"):
+            if not self.is_vit:
+                raise UserError(f"model.token_head: {spec.name} has no patch tokens")
+            self.token_head = nn.Linear(backbone.num_features, spec.num_classes)
+
+    def capture(self, blocks: set[int]) -> None:
+        """Also return the patch tokens output by these blocks (negative: from the end)."""
+        if blocks and not self.is_vit:
+            raise UserError(f"the objective needs block outputs, but {self.spec.name} is not a vision transformer")
+        depth = len(self.backbone.blocks) if self.is_vit else 0
+        self.capture_blocks = tuple(sorted({b % depth for b in blocks})) if blocks else ()
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        if not self.has_dist_head:
-            return ModelOutput(logits=self.backbone(x))
         net = self.backbone
-        tokens = net.forward_features(x)
-        cls_logits = net.head(net.head_drop(tokens[:, 0]))
-        dist_logits = net.head_dist(net.head_drop(tokens[:, 1]))
-        return ModelOutput(logits=cls_logits, dist_logits=dist_logits, tokens=tokens)
+        if not self.is_vit:
+            return ModelOutput(logits=net(x))
+        block_tokens = {}
+        if self.capture_blocks:
+            tokens, inter = net.forward_intermediates(x, indices=list(self.capture_blocks), norm=False, output_fmt="NLC")
+            block_tokens = dict(zip(self.capture_blocks, inter))
+        else:
+            tokens = net.forward_features(x)
+        prefix = net.num_prefix_tokens
+        if self.has_dist_head:
+            logits = net.head(net.head_drop(tokens[:, 0]))
+            dist_logits = net.head_dist(net.head_drop(tokens[:, 1]))
+        else:
+            logits, dist_logits = net.forward_head(tokens), None
+        head = getattr(net, "aux_head", None) or self.token_head
+        token_logits = head(tokens[:, prefix:]) if head is not None else None
+        return ModelOutput(logits, dist_logits, tokens, prefix, token_logits, block_tokens)
+
+    def freeze_batchnorm(self) -> None:
+        """Fix every BatchNorm (running statistics and affine parameters), for finetuning: it
+        stays in eval mode whatever ``train()`` is called with."""
+        self.bn_frozen = True
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "VisionModel":
+        super().train(mode)
+        if mode and self.bn_frozen:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Weights outside the timm model (our token head), saved beside its state dict."""
+        if self.token_head is None:
+            return {}
+        return {f"{EXTRA_PREFIX}token_head.{k}": v for k, v in self.token_head.state_dict().items()}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.token_head is not None:
+            prefix = f"{EXTRA_PREFIX}token_head."
+            self.token_head.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
 
     def no_weight_decay(self) -> set[str]:
         inner = getattr(self.backbone, "no_weight_decay", None)
@@ -107,7 +172,9 @@ def build_model(cfg: ModelConfig, num_classes: int, **conventions) -> VisionMode
     spec = ModelSpec.from_config(cfg, num_classes, **conventions)
     model = VisionModel(create_backbone(spec, cfg.drop_path), spec)
     if cfg.init:
-        load_backbone_weights(model.backbone, cfg.init, "model.init")
+        load_weights(model, cfg.init, "model.init")
+    if cfg.freeze_bn:
+        model.freeze_batchnorm()
     return model
 
 
@@ -131,15 +198,40 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path, key: str) -> None:
+def load_weights(model: VisionModel, path: str | Path, key: str) -> None:
+    """Weights for a model (an export, run folder or plain state dict). The classifier may have
+    another class count (finetuning on other classes): it is then left freshly initialised."""
     state = read_state_dict(path, key)
+    model.load_extra_state(state)
+    state = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
+    own = model.backbone.state_dict()
+    classifier = {n for n, _ in model.backbone.named_parameters() if n.startswith(_classifier_names(model.backbone))}
+    skipped = [k for k in state if k in classifier and k in own and state[k].shape != own[k].shape]
+    if skipped:
+        print(f"vitdistill: {key}: {path} has another class count; the classifier ({', '.join(skipped)}) starts fresh")
+    load_backbone_weights(model.backbone, {k: v for k, v in state.items() if k not in skipped}, key, missing_ok=set(skipped))
+
+
+def _classifier_names(backbone: nn.Module) -> tuple[str, ...]:
+    """Prefixes of the classification heads' parameter names."""
+    names = []
+    for attr in ("head", "head_dist", "fc", "classifier", "aux_head"):
+        if isinstance(getattr(backbone, attr, None), nn.Module):
+            names.append(f"{attr}.")
+    return tuple(names) or ("head.",)
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path | dict, key: str, missing_ok: set[str] = frozenset()) -> None:
+    state = read_state_dict(path, key) if not isinstance(path, dict) else path
+    state = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
     try:
         result = backbone.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches, e.g. another class count
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
         raise UserError(f"{key}: {path} does not fit the model ({detail})") from None
-    if result.missing_keys or result.unexpected_keys:
-        missing, unexpected = result.missing_keys[:3], result.unexpected_keys[:3]
+    missing = [k for k in result.missing_keys if k not in missing_ok]
+    if missing or result.unexpected_keys:
+        missing, unexpected = missing[:3], result.unexpected_keys[:3]
         raise UserError(f"{key}: {path} does not fit the model (missing {missing}, unexpected {unexpected})")
 
 
@@ -147,7 +239,7 @@ def export_model(model: VisionModel, path: str | Path) -> None:
     """Write the backbone's weights and the spec to ``path`` (atomic: temp file + rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.backbone.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in {**model.backbone.state_dict(), **model.extra_state()}.items()}
     save_file(state, str(tmp), metadata={SPEC_KEY: model.spec.to_json()})
     tmp.replace(path)
 
@@ -175,5 +267,5 @@ def load_model(path: str | Path) -> VisionModel:
     path = resolve_export(path)
     spec = read_spec(path)
     model = VisionModel(create_backbone(spec), spec)
-    load_backbone_weights(model.backbone, path, str(path))
+    load_weights(model, path, str(path))
     return model.eval()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,15 +13,29 @@ HEADS = ("cls", "dist", "mean")
 
 @dataclass
 class ModelOutput:
-    """Class-head logits, distillation-head logits when the model has that head, and tokens.
+    """What a forward pass gives the objective.
 
-    ``tokens`` is the final normalised token sequence ``[B, prefix + N, D]`` of a ViT (None for
-    CNNs). Evaluation of a two-head model uses the mean of the two heads' logits.
+    ``logits``: class head; ``dist_logits``: distillation head (DeiT) or None. ViTs also give
+    ``tokens``, the final normalised sequence ``[B, prefix + N, D]`` (``num_prefix`` class /
+    distillation tokens first, then the N patch tokens in raster order), ``token_logits``
+    ``[B, N, C]`` when the model has a per-token head, and ``block_tokens``: the patch tokens
+    ``[B, N, D]`` output by the blocks the objective asked for (by block index). Evaluation of a
+    two-head model uses the mean of the two heads' logits.
     """
 
     logits: torch.Tensor
     dist_logits: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    num_prefix: int = 0
+    token_logits: torch.Tensor | None = None
+    block_tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def patch_tokens(self) -> torch.Tensor:
+        """The final patch tokens ``[B, N, D]`` (prefix tokens removed)."""
+        if self.tokens is None:
+            raise UserError("the objective needs patch tokens, but the model is not a vision transformer")
+        return self.tokens[:, self.num_prefix :]
 
     def head(self, name: str) -> torch.Tensor:
         """Logits of head ``cls``, ``dist`` or ``mean`` (= cls for one-head models)."""

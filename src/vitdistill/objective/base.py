@@ -41,6 +41,7 @@ class Term(nn.Module):
 
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = False
+    needs_blocks: ClassVar[tuple[int, ...]] = ()  # blocks whose patch tokens the term reads (ModelOutput.block_tokens)
 
     @dataclasses.dataclass
     class Params:
@@ -104,6 +105,7 @@ class Objective(nn.Module):
             self.labels.append(f"{cls.name}@{head}" if has_dist_head else cls.name)
         self.terms = nn.ModuleList(terms)
         self.needs_teacher = any(t.needs_teacher for t in terms)
+        self.needed_blocks = {b for t in terms for b in t.needs_blocks}
 
     def forward(self, out: ModelOutput, batch: ViewBatch, teacher: TeacherPrediction | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total = 0.0
