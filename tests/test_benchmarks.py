@@ -22,7 +22,7 @@ def test_throughput_benchmark_reports_all_variants(tmp_path, capsys):
     assert main([*args, "--regimes", "cifar32", "--teacher", "regnety_002"]) == 0
     report = json.loads(out.read_text())
     result = report["results"][0]
-    for key in ("a_bare_img_s", "b_pipeline_img_s", "c_pipeline_teacher_img_s", "d_loader_img_s", "d_loader_teacher_img_s"):
+    for key in ("a_bare_img_s", "b_pipeline_img_s", "c_pipeline_teacher_img_s", "d_loader_img_s", "d_loader_teacher_img_s", "e_pipeline_store_img_s"):
         assert result[key] > 0, key
     assert result["c_over_a"] == result["c_pipeline_teacher_img_s"] / result["a_bare_img_s"]
     assert report["machine"]["torch"]

@@ -60,6 +60,30 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _write_json(args.json, result)
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    from .config import load_recipe
+    from .store import write_store
+
+    write_store(load_recipe(args.recipe, _split_overrides(args.overrides)))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .store import describe_store, verify_store
+
+    report = verify_store(args.store, args.samples, args.epochs, args.teacher, args.device, args.tolerance, args.min_agreement)
+    print(describe_store(Path(args.store)))
+    print(
+        f"checked epochs {report['epochs_checked']}, {report['samples_per_epoch']} samples each: "
+        f"top-1 agreement {100 * report['top1_agreement']:.2f}%, largest probability error {report['max_prob_error']:.2e} "
+        f"(tolerance {report['tolerance']:.0e})"
+    )
+    if report["checksum_failures"]:
+        print(f"checksum failures: {', '.join(report['checksum_failures'])}")
+    print("OK" if report["ok"] else "MISMATCH")
+    _write_json(args.json, report)
+    return 0 if report["ok"] else 1
+
+
 def cmd_bench_throughput(args: argparse.Namespace) -> None:
     from .bench.throughput import run
 
@@ -140,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(fn=cmd_demo)
 
+    p = sub.add_parser("cache", help="write a teacher store: the teacher's top-k on every epoch's exact views")
+    p.add_argument("recipe", help="a recipe with teacher.checkpoint (or name + weights) and store.path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. store.k=10 store.epochs=300")
+    p.set_defaults(fn=cmd_cache)
+
+    p = sub.add_parser("verify", help="recompute a sample of a teacher store's records; exit 1 on mismatch")
+    p.add_argument("store", help="the store folder")
+    p.add_argument("--samples", type=int, default=256, help="records recomputed per epoch")
+    p.add_argument("--epochs", type=int, nargs="+", help="epochs to check (default: all complete)")
+    p.add_argument("--teacher", help="the teacher export, if it moved since the store was written")
+    p.add_argument("--tolerance", type=float, help="largest probability error accepted (default 2e-3 fp32, 5e-2 bf16)")
+    p.add_argument("--min-agreement", type=float, default=0.99, help="smallest top-1 agreement accepted")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(fn=cmd_verify)
+
     p = sub.add_parser("analyze", help="diagnostics of a trained ViT: token similarity, attention, loss landscape; plots + report")
     p.add_argument("checkpoint", help="run folder, model.safetensors or checkpoint.pt")
     p.add_argument("overrides", nargs="*", help="data.key=value overrides")
@@ -197,14 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        args.fn(args)
+        code = args.fn(args)
     except UserError as err:
         print(f"vitdistill: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vitdistill: interrupted (completed epochs are in the run's checkpoint.pt; continue with --resume)", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

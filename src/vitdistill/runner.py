@@ -22,6 +22,7 @@ from .models import ModelSpec, VisionModel, build_model, load_model
 from .models.network import create_backbone
 from .objective import Objective
 from .rng import derive_seed
+from .store import StoreTargets
 from .targets import build_online_teacher
 
 # Keys that may change when a run is resumed (everything else must match the checkpoint).
@@ -65,10 +66,14 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path) -> Trainer:
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # same seed, same initial weights
     model = build_model(cfg.model, train_src.num_classes, classes=train_src.classes, input_size=cfg.augment.input_size, mean=mean, std=std)
     objective = Objective(cfg.objective, train_src.num_classes, model.has_dist_head)
+    model.capture(objective.needed_blocks)
     teacher = None
     if objective.needs_teacher:
         assert cfg.teacher is not None  # the schema guarantees it
-        teacher = build_online_teacher(cfg.teacher, train_src, mean, std).to(env.device)
+        if cfg.teacher.store is not None:
+            teacher = StoreTargets(cfg.teacher.store, cfg, train_src, env.device)
+        else:
+            teacher = build_online_teacher(cfg.teacher, train_src, mean, std).to(env.device)
     placement = dict(placement=cfg.data.placement, workers=cfg.data.workers)
     train_views = Augmenter(train_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
     eval_views = Augmenter(eval_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)

@@ -6,6 +6,8 @@
     (d) loader    the conventional path: torchvision ImageFolder decoding JPEGs each epoch,
                   timm ``create_transform`` (RandAugment, erasing) in DataLoader workers, timm
                   ``Mixup`` on the device; with and without the online teacher
+    (e) store     (b) plus the teacher's top-10 read from a teacher store (written first, by the
+                  same teacher, for the epochs the measurement spans)
 
 Every variant runs the engine's own ``Trainer.train_step`` (bf16 autocast on CUDA, AdamW), so
 only the data path differs. Teachers and students have random weights: speed does not depend
@@ -93,7 +95,8 @@ def synthetic_imagefolder(root: Path, count: int, classes: int = 10, sizes=(320,
     return root
 
 
-def make_config(regime: Regime, data_root: str, cache: str, teacher_file: Path | None, batch_size: int, compile_model: bool, device: str) -> RunConfig:
+def make_config(regime: Regime, data_root: str, cache: str, teacher_file: Path | None, batch_size: int, compile_model: bool, device: str,
+                store: dict | None = None) -> RunConfig:
     objective = [{"term": "ce", "weight": 0.5, "head": "cls", "smoothing": 0.1}]
     if teacher_file is not None:
         objective.append({"term": "kd_hard", "weight": 0.5})  # the distillation head when there is one
@@ -108,6 +111,8 @@ def make_config(regime: Regime, data_root: str, cache: str, teacher_file: Path |
     }
     if teacher_file is not None:
         raw["teacher"] = {"checkpoint": str(teacher_file)}
+    if store is not None:
+        raw["store"] = store
     return config_from_dict(raw)
 
 
@@ -250,9 +255,29 @@ def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: i
     taught = build_trainer(make_config(regime, data_root, str(cache), teacher_file, batch_size, compile_model, device), env, cache / "unused")
     results["c_pipeline_teacher_img_s"] = measure_vitdistill(taught, warmup, steps)
     results["d_loader_teacher_img_s"] = measure_cpu_loader(taught, split_dir, regime, workers, warmup, steps)
+    del taught
+    results["e_pipeline_store_img_s"] = measure_store(regime, data_root, cache, teacher_file, batch_size, compile_model, device, env, warmup, steps)
     results["c_over_a"] = results["c_pipeline_teacher_img_s"] / results["a_bare_img_s"]
     results["c_over_d_teacher"] = results["c_pipeline_teacher_img_s"] / results["d_loader_teacher_img_s"]
+    results["b_over_e"] = results["b_pipeline_img_s"] / results["e_pipeline_store_img_s"]  # epoch-time ratio store / no teacher
     return results
+
+
+def measure_store(regime: Regime, data_root: str, cache: Path, teacher_file: Path, batch_size: int, compile_model: bool, device: str,
+                  env: DistEnv, warmup: int, steps: int) -> float:
+    """Write a k=10 store of the views the measurement will use, then time training from it."""
+    from ..runner import build_trainer
+    from ..store import write_store
+
+    plain = build_trainer(make_config(regime, data_root, str(cache), None, batch_size, compile_model, device), env, cache / "unused")
+    epochs = -(-(warmup + steps) // (len(plain.train_views.source) // batch_size))
+    del plain
+    store = {"path": str(cache / f"store-{regime.name}-{batch_size}"), "k": 10, "epochs": epochs}
+    cfg = make_config(regime, data_root, str(cache), teacher_file, batch_size, compile_model, device, store)
+    write_store(cfg)
+    cfg.teacher.store = store["path"]
+    cfg.optim.epochs = epochs
+    return measure_vitdistill(build_trainer(cfg, env, cache / "unused"), warmup, steps)
 
 
 def describe_machine(device: str) -> dict:
@@ -280,7 +305,7 @@ def format_result(r: dict) -> str:
     lines = [f"{r['regime']}: {r['student']} @ {r['input_size']}, teacher {r['teacher']}, batch {r['batch_size']}, compile {r['compile']}"]
     for key, label in (("a_bare_img_s", "(a) bare model step"), ("b_pipeline_img_s", "(b) vitdistill pipeline"),
                        ("c_pipeline_teacher_img_s", "(c) vitdistill pipeline + teacher"), ("d_loader_img_s", "(d) CPU loader"),
-                       ("d_loader_teacher_img_s", "(d) CPU loader + teacher")):
+                       ("d_loader_teacher_img_s", "(d) CPU loader + teacher"), ("e_pipeline_store_img_s", "(e) vitdistill pipeline + store")):
         lines.append(f"  {label:36s} {r[key]:12,.0f} img/s")
-    lines.append(f"  (c)/(a) = {r['c_over_a']:.2f}   (c)/(d with teacher) = {r['c_over_d_teacher']:.2f}")
+    lines.append(f"  (c)/(a) = {r['c_over_a']:.2f}   (c)/(d with teacher) = {r['c_over_d_teacher']:.2f}   epoch time store/no teacher = {r['b_over_e']:.2f}")
     return "\n".join(lines)

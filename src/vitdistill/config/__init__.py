@@ -17,6 +17,7 @@ from .schema import (
     ModelConfig,
     OptimConfig,
     RunConfig,
+    StoreConfig,
     TeacherConfig,
 )
 
@@ -27,6 +28,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
+    "StoreConfig",
     "TeacherConfig",
     "config_from_dict",
     "dump_config",

@@ -104,6 +104,8 @@ class ModelConfig:
     small_input_stem: bool = False  # CNNs: stride-1 3x3 stem, no max-pool (for 32x32 inputs)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     init: str | None = None  # start from these weights (a vitdistill export or state dict)
+    freeze_bn: bool = False  # finetuning: BatchNorm statistics and affine parameters fixed
+    token_head: bool = False  # a linear classifier on every patch token (token labeling)
 
     def validate(self, key: str) -> None:
         _check(0 <= self.drop_path < 1, _join(key, "drop_path"), "must be in [0, 1)")
@@ -111,11 +113,15 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    """A frozen teacher: a vitdistill export (architecture read from it) or a timm name + weights."""
+    """A frozen teacher: a vitdistill export (architecture read from it) or a timm name + weights,
+    run online; or a teacher store written by ``vitdistill cache`` (then ``checkpoint``/``name``,
+    when also given, must be the teacher that wrote it)."""
 
     checkpoint: str | None = None  # model.safetensors exported by vitdistill, or its run folder
     name: str | None = None  # timm name, when the weights are a plain state dict
     weights: str | None = None  # .safetensors / .pth state dict for `name`
+    store: str | None = None  # read the teacher's top-k predictions from this store instead
+    k: int | None = None  # with `store`: the k the store must have
     small_input_stem: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, float, float] | None = None  # the teacher's own input normalisation
@@ -123,11 +129,29 @@ class TeacherConfig:
     input_size: int | None = None  # resize the student's view to this size for the teacher
 
     def validate(self, key: str) -> None:
+        key = key or "teacher"
+        _check(self.checkpoint is None or self.name is None, key, "give checkpoint (a vitdistill export) or name (+ weights), not both")
         _check(
-            (self.checkpoint is None) != (self.name is None),
-            key or "teacher",
-            "give either checkpoint (a vitdistill export) or name (+ weights), not both or neither",
+            self.store is not None or self.checkpoint is not None or self.name is not None,
+            key,
+            "needs checkpoint (a vitdistill export), name (+ weights) or store (written by vitdistill cache)",
         )
+
+
+@dataclass
+class StoreConfig:
+    """``vitdistill cache``: where and how to write the teacher's top-k predictions per epoch."""
+
+    path: str | None = None  # the store folder
+    k: int = 10  # classes kept per view (0: all)
+    epochs: int | None = None  # epochs of views to store (default: optim.epochs)
+    temperature: float = 1.0  # probabilities of softmax(Z_t / temperature)
+    batch_size: int | None = None  # teacher batch (default: optim.batch_size)
+
+    def validate(self, key: str) -> None:
+        _check(self.k >= 0, _join(key, "k"), "must be >= 0 (0 keeps every class)")
+        _check(self.epochs is None or self.epochs >= 1, _join(key, "epochs"), "must be >= 1")
+        _check(self.temperature > 0, _join(key, "temperature"), "must be positive")
 
 
 @dataclass
@@ -186,6 +210,7 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig | None = None
+    store: StoreConfig = field(default_factory=StoreConfig)
     objective: list[dict[str, Any]] = field(default_factory=lambda: [{"term": "ce"}])
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

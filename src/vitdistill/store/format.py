@@ -1,0 +1,142 @@
+"""The teacher store on disk: a folder with ``manifest.json`` and one record file per epoch.
+
+Record ``i`` of ``epoch_0003.bin`` is what the teacher said about sample ``i``'s augmented view
+in epoch 3: its top-k class ids (int16, or int32 past 32,767 classes) and probabilities (fp16).
+Records are fixed-size and in sample-index order, so a file is read through ``numpy.memmap``
+with O(1) lookup and no key dictionary. At k=10 a record is 40 bytes (TinyViT's format: 44).
+The augmentation itself is not stored: it is re-derived from ``(seed, epoch, index)``.
+
+The manifest pins what must match at read time (format version, teacher, dataset, augmentation,
+seed, k, temperature) and lists each complete epoch with its file's checksum. Files are written
+to a temporary name and renamed; the manifest is rewritten (atomically) after each epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+FORMAT = "vitdistill-teacher-store/1"
+MANIFEST = "manifest.json"
+
+
+def record_dtype(k: int, num_classes: int) -> np.dtype:
+    ids = "<i2" if num_classes <= 32767 else "<i4"
+    return np.dtype([("ids", ids, (k,)), ("probs", "<f2", (k,))])
+
+
+def epoch_file(epoch: int) -> str:
+    return f"epoch_{epoch:04d}.bin"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Manifest:
+    """Everything a reader must check before trusting the records."""
+
+    seed: int
+    k: int
+    temperature: float
+    num_classes: int
+    count: int
+    dataset: dict  # ImageSource.fingerprint()
+    augment: dict  # the augmentation recipe and the normalisation the views were made with
+    teacher: dict  # {"spec": ..., "weights_sha256": ..., "path": ...}
+    precision: str  # "bf16" or "fp32": how the teacher ran
+    epochs_planned: int
+    recipe: dict  # the full recipe, so `vitdistill verify` can rebuild views and teacher
+    epochs: dict[str, dict] = field(default_factory=dict)  # "3": {"file": ..., "sha256": ...}
+    format: str = FORMAT
+
+    @property
+    def dtype(self) -> np.dtype:
+        return record_dtype(self.k, self.num_classes)
+
+    @property
+    def record_bytes(self) -> int:
+        return self.dtype.itemsize
+
+    def complete_epochs(self) -> list[int]:
+        return sorted(int(e) for e in self.epochs)
+
+    def write(self, folder: Path) -> None:
+        tmp = folder / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
+        os.replace(tmp, folder / MANIFEST)
+
+    @classmethod
+    def read(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise UserError(f"{folder} is not a teacher store (no {MANIFEST}); write one with `vitdistill cache`")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is corrupt ({err.msg} at line {err.lineno})") from None
+        if data.get("format") != FORMAT:
+            raise UserError(f"{path}: unsupported store format {data.get('format')!r} (this vitdistill reads {FORMAT})")
+        return cls(**data)
+
+
+def augment_fingerprint(recipe_augment: dict, mean, std) -> dict:
+    """What determines the pixels of a view besides (seed, epoch, index): the augmentation recipe
+    and the normalisation (random erasing draws its noise in normalised units)."""
+    return {"config": recipe_augment, "mean": list(mean), "std": list(std)}
+
+
+def first_difference(stored, current, prefix: str = "") -> str | None:
+    """The dotted key of the first difference between two JSON-like values, or None."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        for key in sorted(set(stored) | set(current)):
+            found = first_difference(stored.get(key), current.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    if isinstance(stored, (list, tuple)) and isinstance(current, (list, tuple)) and len(stored) == len(current):
+        for i, (a, b) in enumerate(zip(stored, current)):
+            found = first_difference(a, b, f"{prefix}{i}.")
+            if found:
+                return found
+        return None
+    if stored != current:
+        return f"{prefix[:-1] or 'value'} ({stored!r} in the store, {current!r} now)"
+    return None
+
+
+def topk_records(probs: torch.Tensor, k: int, dtype: np.dtype) -> np.ndarray:
+    """Records of a ``[B, C]`` probability batch: top-k ids and probabilities, on the host."""
+    values, ids = probs.float().topk(k, dim=1)
+    records = np.empty(probs.shape[0], dtype=dtype)
+    records["ids"] = ids.to(torch.int32).cpu().numpy()
+    records["probs"] = values.to(torch.float16).cpu().numpy()
+    return records
+
+
+def dense_from_topk(ids: torch.Tensor, probs: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[B, C]`` distributions: stored mass on stored ids; the remainder ``1 - sum(top-k)``
+    spread evenly over the other ``C - k`` classes (clamped at zero)."""
+    probs = probs.float()
+    k = ids.shape[1]
+    rest = num_classes - k
+    fill = ((1.0 - probs.sum(dim=1, keepdim=True)) / max(rest, 1)).clamp_min(0.0) if rest else probs.new_zeros(probs.shape[0], 1)
+    dense = fill.expand(-1, num_classes).clone()
+    return dense.scatter_(1, ids.long(), probs)

@@ -1,0 +1,88 @@
+"""Training from a teacher store: the teacher's answer for a view, read instead of computed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..augment import ViewBatch
+from ..config import RunConfig, to_dict
+from ..data import ImageSource
+from ..errors import UserError
+from ..models.network import resolve_export
+from ..targets import TeacherPrediction
+from .format import Manifest, augment_fingerprint, dense_from_topk, file_sha256, first_difference
+
+
+def check_matches_run(manifest: Manifest, cfg: RunConfig, source: ImageSource, folder: Path) -> None:
+    """A store answers for the views of one dataset, augmentation, seed and teacher: any
+    difference from the run is an error naming it."""
+    where = f"teacher.store: {folder} was written for"
+    if manifest.seed != cfg.seed:
+        raise UserError(f"{where} seed {manifest.seed}, the run uses seed {cfg.seed}")
+    diff = first_difference(manifest.dataset, source.fingerprint(), "dataset.")
+    if diff:
+        raise UserError(f"{where} other data: {diff}")
+    diff = first_difference(manifest.augment, augment_fingerprint(to_dict(cfg.augment), cfg.data.mean, cfg.data.std), "augment.")
+    if diff:
+        raise UserError(f"{where} other views: {diff}")
+    assert cfg.teacher is not None
+    if cfg.teacher.k is not None and cfg.teacher.k != manifest.k:
+        raise UserError(f"{where} k={manifest.k}, the run asks for teacher.k={cfg.teacher.k}")
+    named = cfg.teacher.checkpoint or cfg.teacher.weights
+    if named is not None:
+        path = resolve_export(named) if cfg.teacher.checkpoint else Path(named)
+        if file_sha256(path) != manifest.teacher["weights_sha256"]:
+            raise UserError(f"{where} another teacher ({manifest.teacher['path']}), not {path}")
+    missing = [e for e in range(cfg.optim.epochs) if str(e) not in manifest.epochs]
+    if missing:
+        raise UserError(
+            f"{where} {len(manifest.epochs)} complete epochs; the run needs {cfg.optim.epochs} "
+            f"(missing from epoch {missing[0]}); complete it with `vitdistill cache` or train fewer epochs"
+        )
+
+
+class StoreTargets:
+    """Reads the teacher's top-k for ``(batch.epoch, batch.index)`` and rebuilds dense targets.
+
+    An epoch's records (``count x record_bytes``, 51 MB for ImageNet-1k at k=10) are checksummed
+    and moved to the device once, at the epoch's first batch; each batch is then one gather.
+    """
+
+    def __init__(self, folder: str | Path, cfg: RunConfig, source: ImageSource, device: torch.device):
+        self.folder = Path(folder)
+        self.manifest = Manifest.read(self.folder)
+        check_matches_run(self.manifest, cfg, source, self.folder)
+        self.device = device
+        self._loaded: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def _records(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._loaded is None or self._loaded[0] != epoch:
+            array = read_epoch(self.folder, self.manifest, epoch, verify=True)
+            ids = torch.from_numpy(np.ascontiguousarray(array["ids"])).to(self.device)
+            probs = torch.from_numpy(np.ascontiguousarray(array["probs"])).to(self.device)
+            self._loaded = (epoch, ids, probs)
+        return self._loaded[1], self._loaded[2]
+
+    def __call__(self, batch: ViewBatch) -> TeacherPrediction:
+        ids, probs = self._records(batch.epoch)
+        index = batch.index.to(self.device)
+        dense = dense_from_topk(ids[index], probs[index], self.manifest.num_classes)
+        return TeacherPrediction(probs=dense, temperature=self.manifest.temperature)
+
+
+def read_epoch(folder: Path, manifest: Manifest, epoch: int, verify: bool) -> np.ndarray:
+    """One complete epoch's records (memory-mapped, read-only); ``verify`` checks the file's
+    size and checksum against the manifest first."""
+    info = manifest.epochs.get(str(epoch))
+    if info is None:
+        raise UserError(f"{folder}: epoch {epoch} is not in the store (complete: {manifest.complete_epochs()})")
+    path = folder / info["file"]
+    expected = manifest.count * manifest.record_bytes
+    if not path.is_file() or path.stat().st_size != expected:
+        raise UserError(f"{path} is missing or has the wrong size (expected {expected:,} bytes): the store is damaged")
+    if verify and file_sha256(path) != info["sha256"]:
+        raise UserError(f"{path} does not match its checksum in the manifest: the store is damaged")
+    return np.memmap(path, dtype=manifest.dtype, mode="r", shape=(manifest.count,))

@@ -1,0 +1,78 @@
+"""``vitdistill verify STORE``: recompute a random sample of records with the teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..augment import Augmenter
+from ..config import config_from_dict
+from ..data import open_source
+from ..engine.distributed import DistEnv, resolve_device
+from ..errors import UserError
+from ..targets import build_online_teacher
+from .format import Manifest, file_sha256, first_difference
+from .reader import read_epoch
+from .writer import teacher_identity, teacher_probs
+
+# Largest |stored - recomputed| probability accepted by default: fp16 storage rounds a probability
+# by at most 2^-11 (~4.9e-4); a bf16 teacher run on another batch composition moves more.
+TOLERANCE = {"fp32": 2e-3, "bf16": 5e-2}
+
+
+def verify_store(
+    folder: str | Path,
+    samples: int = 256,
+    epochs: list[int] | None = None,
+    teacher: str | None = None,
+    device: str = "auto",
+    tolerance: float | None = None,
+    min_agreement: float = 0.99,
+    seed: int = 0,
+) -> dict:
+    """Checksums of every epoch file, then ``samples`` random records per checked epoch
+    recomputed from the regenerated views: top-1 agreement and the largest probability error.
+    ``ok`` is False on a checksum failure, agreement below ``min_agreement`` or an error above
+    ``tolerance``."""
+    folder = Path(folder)
+    manifest = Manifest.read(folder)
+    overrides = [f"engine.device={device}"]
+    if teacher is not None:
+        overrides += [f"teacher.checkpoint={teacher}", "teacher.name=null", "teacher.weights=null"]
+    cfg = config_from_dict(manifest.recipe, overrides)
+    bad_files = [info["file"] for info in manifest.epochs.values() if not (folder / info["file"]).is_file() or file_sha256(folder / info["file"]) != info["sha256"]]
+    source = open_source(cfg.data, cfg.data.train_split, cfg.data.train_limit)
+    diff = first_difference(manifest.dataset, source.fingerprint(), "dataset.")
+    if diff:
+        raise UserError(f"verify: the data the store was made from has changed: {diff}")
+    env = DistEnv(rank=0, world=1, device=resolve_device(device))
+    online = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std).to(env.device)
+    if teacher_identity(cfg, online)["weights_sha256"] != manifest.teacher["weights_sha256"]:
+        raise UserError(f"verify: {teacher or manifest.teacher['path']} is not the teacher that wrote the store")
+    views = Augmenter(source, cfg.augment, cfg.seed, cfg.data.mean, cfg.data.std, env.device)
+    checked = [e for e in (epochs if epochs is not None else manifest.complete_epochs()) if str(manifest.epochs.get(str(e), {}).get("file")) not in bad_files]
+    rng = np.random.default_rng(seed)
+    agree, total, worst = 0, 0, 0.0
+    for epoch in checked:
+        index = torch.from_numpy(np.sort(rng.choice(manifest.count, size=min(samples, manifest.count), replace=False)))
+        stored = read_epoch(folder, manifest, epoch, verify=False)[index.numpy()]
+        probs = teacher_probs(online, views, index, epoch, manifest.temperature, env, manifest.precision).cpu()
+        ids = torch.from_numpy(stored["ids"].astype(np.int64))
+        values = torch.from_numpy(stored["probs"].astype(np.float32))
+        agree += int((ids[:, 0] == probs.argmax(dim=1)).sum())
+        total += len(index)
+        worst = max(worst, float((values - probs.gather(1, ids)).abs().max()))
+    tolerance = TOLERANCE[manifest.precision] if tolerance is None else tolerance
+    agreement = agree / total if total else 1.0
+    return {
+        "store": str(folder),
+        "epochs_checked": checked,
+        "samples_per_epoch": min(samples, manifest.count),
+        "top1_agreement": agreement,
+        "max_prob_error": worst,
+        "tolerance": tolerance,
+        "checksum_failures": bad_files,
+        "ok": not bad_files and agreement >= min_agreement and worst <= tolerance,
+    }

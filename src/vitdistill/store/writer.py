@@ -1,0 +1,145 @@
+"""``vitdistill cache``: run the teacher once per epoch on the exact training views, keep top-k.
+
+Each epoch is written to a temporary file (pre-sized; every process writes its own contiguous
+range of sample indices), checksummed and renamed, then the manifest lists it. An interrupted
+run resumes at the first epoch not in the manifest; a partial epoch is redone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..augment import Augmenter
+from ..config import RunConfig, to_dict
+from ..data import open_source
+from ..engine.distributed import DistEnv, autocast, barrier, setup_distributed
+from ..engine.metrics import format_duration
+from ..errors import UserError
+from ..models.network import resolve_export
+from ..progress import progress_bar
+from ..targets import OnlineTeacher, build_online_teacher
+from .format import (
+    Manifest,
+    augment_fingerprint,
+    epoch_file,
+    file_sha256,
+    first_difference,
+    topk_records,
+)
+
+
+def teacher_identity(cfg: RunConfig, teacher: OnlineTeacher) -> dict:
+    """Which teacher this is: its architecture and a checksum of its weights file."""
+    assert cfg.teacher is not None
+    source = cfg.teacher.checkpoint or cfg.teacher.weights
+    path = resolve_export(source) if cfg.teacher.checkpoint else Path(str(source))
+    return {"spec": teacher.model.spec.to_json(), "weights_sha256": file_sha256(path), "path": str(path)}
+
+
+def new_manifest(cfg: RunConfig, source, teacher: OnlineTeacher, precision: str) -> Manifest:
+    store = cfg.store
+    k = store.k or source.num_classes
+    if k > source.num_classes:
+        raise UserError(f"store.k: {k} is more than the {source.num_classes} classes")
+    return Manifest(
+        seed=cfg.seed,
+        k=k,
+        temperature=store.temperature,
+        num_classes=source.num_classes,
+        count=len(source),
+        dataset=source.fingerprint(),
+        augment=augment_fingerprint(to_dict(cfg.augment), cfg.data.mean, cfg.data.std),
+        teacher=teacher_identity(cfg, teacher),
+        precision=precision,
+        epochs_planned=store.epochs or cfg.optim.epochs,
+        recipe=to_dict(cfg),
+    )
+
+
+def check_same_plan(existing: Manifest, planned: Manifest, folder: Path) -> None:
+    """Resuming into an existing store: everything but the epoch list must be the same."""
+    for name in ("seed", "k", "temperature", "num_classes", "count", "dataset", "augment", "precision"):
+        diff = first_difference(getattr(existing, name), getattr(planned, name), f"{name}.")
+        if diff:
+            raise UserError(f"{folder} already holds a store made differently ({diff}); choose another store.path")
+    if existing.teacher["weights_sha256"] != planned.teacher["weights_sha256"]:
+        raise UserError(f"{folder} already holds a store of another teacher ({existing.teacher['path']}); choose another store.path")
+
+
+@torch.no_grad()
+def teacher_probs(teacher: OnlineTeacher, views: Augmenter, index: torch.Tensor, epoch: int, temperature: float, env: DistEnv, precision: str) -> torch.Tensor:
+    """``softmax(Z_t / T)`` of the teacher on the training views of ``index`` in ``epoch``."""
+    batch = views.train_batch(index, epoch)
+    with autocast(env.device, precision):
+        logits = teacher(batch).logits
+    return torch.softmax(logits.float() / temperature, dim=1)
+
+
+def write_store(cfg: RunConfig) -> Path:
+    """Write (or complete) the store of ``cfg.store.path``; returns its folder."""
+    if cfg.store.path is None:
+        raise UserError("store.path: where should the store go? (e.g. store.path=runs/stores/cifar10)")
+    if cfg.teacher is None or (cfg.teacher.checkpoint is None and cfg.teacher.name is None):
+        raise UserError("teacher: caching needs the teacher itself (teacher.checkpoint or teacher.name + weights)")
+    env = setup_distributed(cfg.engine.device)
+    folder = Path(cfg.store.path)
+    source = open_source(cfg.data, cfg.data.train_split, cfg.data.train_limit)
+    teacher = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std).to(env.device)
+    views = Augmenter(source, cfg.augment, cfg.seed, cfg.data.mean, cfg.data.std, env.device, cfg.data.placement, cfg.data.workers)
+    precision = "bf16" if cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and env.device.type == "cuda") else "fp32"
+    manifest = new_manifest(cfg, source, teacher, precision)
+    if (folder / "manifest.json").is_file():
+        existing = Manifest.read(folder)
+        check_same_plan(existing, manifest, folder)
+        manifest.epochs = existing.epochs
+    elif env.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest.write(folder)
+    barrier(env)
+    todo = [e for e in range(manifest.epochs_planned) if str(e) not in manifest.epochs]
+    n, batch_size = len(source), cfg.store.batch_size or cfg.optim.batch_size
+    start, stop = env.rank * n // env.world, (env.rank + 1) * n // env.world
+    steps = -(-(stop - start) // batch_size)
+    bar = progress_bar(len(todo) * steps, 0, f"caching {folder.name}", cfg.engine.progress and env.is_main, unit="batch")
+    began = time.perf_counter()
+    for epoch in todo:
+        tmp = folder / (epoch_file(epoch) + ".tmp")
+        if env.is_main:
+            np.memmap(tmp, dtype=manifest.dtype, mode="w+", shape=(n,)).flush()
+        barrier(env)
+        records = np.memmap(tmp, dtype=manifest.dtype, mode="r+", shape=(n,))
+        for first in range(start, stop, batch_size):
+            index = torch.arange(first, min(first + batch_size, stop))
+            probs = teacher_probs(teacher, views, index, epoch, manifest.temperature, env, precision)
+            records[first : first + len(index)] = topk_records(probs, manifest.k, manifest.dtype)
+            bar.update(1)
+        records.flush()
+        del records
+        barrier(env)
+        if env.is_main:
+            os.replace(tmp, folder / epoch_file(epoch))
+            manifest.epochs[str(epoch)] = {"file": epoch_file(epoch), "sha256": file_sha256(folder / epoch_file(epoch))}
+            manifest.write(folder)
+            bar.write(f"epoch {epoch + 1}/{manifest.epochs_planned} cached ({format_duration(time.perf_counter() - began)} so far)")
+        barrier(env)
+    bar.close()
+    if env.is_main:
+        print(describe_store(folder))
+    return folder
+
+
+def describe_store(folder: Path) -> str:
+    """Size on disk and bytes per sample per epoch."""
+    manifest = Manifest.read(folder)
+    files = [folder / info["file"] for info in manifest.epochs.values()]
+    size = sum(f.stat().st_size for f in files if f.is_file()) + (folder / "manifest.json").stat().st_size
+    return (
+        f"vitdistill: store {folder}: {len(manifest.epochs)}/{manifest.epochs_planned} epochs of {manifest.count:,} samples, "
+        f"top-{manifest.k} at T={manifest.temperature:g}; {manifest.record_bytes} bytes per sample per epoch; "
+        f"{size / 2**20:,.1f} MiB on disk"
+    )
