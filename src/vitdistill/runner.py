@@ -17,7 +17,7 @@ from .engine import Trainer, evaluate, setup_distributed
 from .engine.checkpoint import load_checkpoint
 from .engine.distributed import DistEnv
 from .engine.metrics import format_duration, format_summary
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .models import ModelSpec, VisionModel, build_model, load_model
 from .models.network import create_backbone
 from .objective import Objective
@@ -67,6 +67,8 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path) -> Trainer:
     model = build_model(cfg.model, train_src.num_classes, classes=train_src.classes, input_size=cfg.augment.input_size, mean=mean, std=std)
     objective = Objective(cfg.objective, train_src.num_classes, model.has_dist_head)
     model.capture(objective.needed_blocks)
+    if objective.needs_token_logits and not model.has_token_logits:
+        raise ConfigError("model.token_head", f"the objective classifies every patch token: set model.token_head: true ({cfg.model.name} has no per-token head)")
     teacher = None
     if objective.needs_teacher:
         assert cfg.teacher is not None  # the schema guarantees it

@@ -92,6 +92,10 @@ class VisionModel(nn.Module):
                 raise UserError(f"model.token_head: {spec.name} has no patch tokens")
             self.token_head = nn.Linear(backbone.num_features, spec.num_classes)
 
+    @property
+    def has_token_logits(self) -> bool:
+        return self.token_head is not None or hasattr(self.backbone, "aux_head")
+
     def capture(self, blocks: set[int]) -> None:
         """Also return the patch tokens output by these blocks (negative: from the end)."""
         if blocks and not self.is_vit:

@@ -42,6 +42,8 @@ class Term(nn.Module):
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = False
     needs_blocks: ClassVar[tuple[int, ...]] = ()  # blocks whose patch tokens the term reads (ModelOutput.block_tokens)
+    needs_token_logits: ClassVar[bool] = False  # reads ModelOutput.token_logits (the model's per-token head)
+    uses_head: ClassVar[bool] = True  # reads a class head (routed by `head`); False: tokens only
 
     @dataclasses.dataclass
     class Params:
@@ -102,10 +104,11 @@ class Objective(nn.Module):
                 raise ConfigError(f"objective.{i}.head", "routes to the distillation head, but the model has none")
             terms.append(cls(parse_dataclass(cls.Params, rest), head, num_classes))
             self.weights.append(weight)
-            self.labels.append(f"{cls.name}@{head}" if has_dist_head else cls.name)
+            self.labels.append(f"{cls.name}@{head}" if has_dist_head and cls.uses_head else cls.name)
         self.terms = nn.ModuleList(terms)
         self.needs_teacher = any(t.needs_teacher for t in terms)
         self.needed_blocks = {b for t in terms for b in t.needs_blocks}
+        self.needs_token_logits = any(t.needs_token_logits for t in terms)
 
     def forward(self, out: ModelOutput, batch: ViewBatch, teacher: TeacherPrediction | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total = 0.0
