@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import UserError
-from . import convnet  # noqa: F401  (registers our small CNNs in timm)
+from . import convnet, lvvit  # noqa: F401  (register our CNNs and LV-ViT in timm)
 from .adapt import adapt_kwargs
 from .output import ModelOutput
 from .stems import use_small_input_stem
