@@ -14,7 +14,12 @@ from vitdistill import UserError, load_recipe, train
 from vitdistill.augment import ViewBatch
 from vitdistill.models import ModelOutput
 from vitdistill.objective import Objective
-from vitdistill.objective.diversity import patch_own_share, patch_targets
+from vitdistill.augment.mixing import token_own_share
+from vitdistill.objective.diversity import patch_targets
+
+
+def patch_own_share(batch, n):
+    return token_own_share(batch.mix_boxes, batch.lam, batch.images.shape[-2:], n)
 
 C = 3
 
@@ -31,6 +36,8 @@ def view_batch(labels, partner_labels=None, lam=None, mix_boxes=None, size=8) ->
         flips=torch.zeros(n, dtype=torch.bool),
         partner=torch.arange(n),
         partner_labels=labels if partner_labels is None else torch.tensor(partner_labels),
+        partner_boxes=torch.zeros(n, 4),
+        partner_flips=torch.zeros(n, dtype=torch.bool),
         lam=torch.ones(n) if lam is None else torch.tensor(lam, dtype=torch.float32),
         mix_boxes=torch.zeros(n, 4) if mix_boxes is None else torch.tensor(mix_boxes, dtype=torch.float32),
     )

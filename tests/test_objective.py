@@ -26,6 +26,8 @@ def batch_of(labels, partner_labels=None, lam=None) -> ViewBatch:
         flips=torch.zeros(n, dtype=torch.bool),
         partner=torch.arange(n),
         partner_labels=labels if partner_labels is None else torch.tensor(partner_labels),
+        partner_boxes=torch.zeros(n, 4),
+        partner_flips=torch.zeros(n, dtype=torch.bool),
         lam=torch.ones(n) if lam is None else torch.tensor(lam),
         mix_boxes=torch.zeros(n, 4),
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import AugmentConfig
+from ..errors import UserError
 from ..rng import CounterRNG
 
 
@@ -90,3 +91,27 @@ def apply_mixing(own: torch.Tensor, partner: torch.Tensor, plan: MixPlan) -> tor
     blended = torch.where(plan.is_cutmix.view(-1, 1, 1, 1), own, blended)
     inside = box_mask(plan.box, own.shape[-1])[:, None]
     return torch.where(inside, partner, blended)
+
+
+def token_own_share(mix_boxes: torch.Tensor, lam: torch.Tensor, image_size, num_tokens: int) -> torch.Tensor:
+    """``[B, N]``: the share of token ``i``'s pixels that come from the sample's own image.
+
+    CutMix samples (a non-empty ``mix_boxes``): 0 for tokens whose centre lies inside the box
+    (they show the partner), 1 for the others. Mixup and unmixed samples: ``lam`` for every
+    token (1 when unmixed). The ``g x g`` token grid (``g = sqrt(N)``) tiles the ``S x S`` view,
+    so token ``(r, c)`` (raster index ``r g + c``) has its centre at ``((c + 1/2) p, (r + 1/2) p)``
+    with ``p = S / g``.
+    """
+    height, width = int(image_size[0]), int(image_size[1])
+    side = round(num_tokens**0.5)
+    if height != width or side * side != num_tokens:
+        raise UserError(f"token targets need a square image on a square token grid, got {height}x{width} pixels and {num_tokens} tokens")
+    box = mix_boxes.float()
+    patch = height / side
+    x1, y1, x2, y2 = (box[:, k, None] / patch for k in range(4))  # in token units, [B, 1]
+    centres = torch.arange(side, device=box.device, dtype=box.dtype) + 0.5
+    inside_y = (centres > y1) & (centres < y2)  # [B, g] rows
+    inside_x = (centres > x1) & (centres < x2)  # [B, g] columns
+    inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)  # [B, N] raster order
+    is_cutmix = ((box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1]))[:, None]
+    return torch.where(is_cutmix, (~inside).float(), lam.float()[:, None].expand(-1, num_tokens))

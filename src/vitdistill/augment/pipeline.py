@@ -36,6 +36,8 @@ class ViewBatch:
     flips: torch.Tensor  # [B] bool, horizontal flip applied after the crop
     partner: torch.Tensor  # [B] int64 mixing partner (== index when unmixed)
     partner_labels: torch.Tensor  # [B] int64
+    partner_boxes: torch.Tensor  # [B, 4] the partner view's crop box (== boxes when unmixed)
+    partner_flips: torch.Tensor  # [B] bool, the partner view's flip (== flips when unmixed)
     lam: torch.Tensor  # [B] own share of the image/label (1.0 when unmixed)
     mix_boxes: torch.Tensor  # [B, 4] cutmix region in output pixels (empty when none)
 
@@ -139,12 +141,15 @@ class Augmenter:
         n = index.shape[0]
         images, boxes, flips = self._views(index, epoch, pixels[:n])
         plan = self._plan(index, epoch)
+        partner_boxes, partner_flips = boxes, flips
         if mixing_enabled(self.cfg):
             # Partner views are rendered for every sample (unmixed ones ignore theirs): no
             # data-dependent shapes, no device sync.
             table_partner = self._partners_for(epoch, on_device=True)[index]
-            partner_images, _, _ = self._views(table_partner, epoch, pixels[n:])
+            partner_images, table_boxes, table_flips = self._views(table_partner, epoch, pixels[n:])
             images = apply_mixing(images, partner_images, plan)
+            partner_boxes = torch.where(plan.is_mixed[:, None], table_boxes, boxes)
+            partner_flips = torch.where(plan.is_mixed, table_flips, flips)
         return ViewBatch(
             images=images,
             labels=self.labels[index],
@@ -154,6 +159,8 @@ class Augmenter:
             flips=flips,
             partner=plan.partner,
             partner_labels=self.labels[plan.partner],
+            partner_boxes=partner_boxes,
+            partner_flips=partner_flips,
             lam=plan.lam,
             mix_boxes=plan.box,
         )
@@ -182,6 +189,8 @@ class Augmenter:
             flips=flips,
             partner=index,
             partner_labels=labels,
+            partner_boxes=boxes,
+            partner_flips=flips,
             lam=torch.ones(n, device=self.device),
             mix_boxes=torch.zeros(n, 4, device=self.device),
         )

@@ -217,7 +217,8 @@ def measure_cpu_loader(trainer, split_dir: Path, regime: Regime, workers: int, w
                 yield ViewBatch(
                     images=images, labels=labels, index=torch.arange(n, device=device), epoch=0,
                     boxes=torch.zeros(n, 4, device=device), flips=torch.zeros(n, dtype=torch.bool, device=device),
-                    partner=torch.arange(n, device=device), partner_labels=labels, lam=torch.ones(n, device=device),
+                    partner=torch.arange(n, device=device), partner_labels=labels, partner_boxes=torch.zeros(n, 4, device=device),
+                    partner_flips=torch.zeros(n, dtype=torch.bool, device=device), lam=torch.ones(n, device=device),
                     mix_boxes=torch.zeros(n, 4, device=device),
                 )
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..augment.mixing import token_own_share
 from ..errors import ConfigError, UserError
 from ..models import ModelOutput
 from .base import Term, register_term
@@ -119,39 +120,14 @@ class PatchContrast(Term):
         return F.softplus((negative - positive) / self.params.tau).mean()
 
 
-def patch_own_share(batch, num_patches: int) -> torch.Tensor:
-    """``[B, N]``: the share of patch ``i`` that belongs to the image's own label.
-
-    CutMix samples (a non-empty ``mix_boxes``): 0 for patches whose centre lies inside the box
-    (they show the partner), 1 for the others. Mixup and unmixed samples: ``lam`` for every
-    patch (1 when unmixed). The ``g x g`` patch grid (``g = sqrt(N)``) tiles the ``S x S`` view,
-    so patch ``(r, c)`` (raster index ``r g + c``) has its centre at ``((c + 1/2) p, (r + 1/2) p)``
-    with ``p = S / g``.
-    """
-    height, width = batch.images.shape[-2:]
-    side = round(num_patches**0.5)
-    if height != width or side * side != num_patches:
-        raise UserError(f"patch_mix needs a square image on a square patch grid, got {height}x{width} pixels and {num_patches} patches")
-    box = batch.mix_boxes.float()
-    patch = height / side
-    x1, y1, x2, y2 = (box[:, k, None] / patch for k in range(4))  # in patch units, [B, 1]
-    centres = torch.arange(side, device=box.device, dtype=box.dtype) + 0.5
-    inside_y = (centres > y1) & (centres < y2)  # [B, g] rows
-    inside_x = (centres > x1) & (centres < x2)  # [B, g] columns
-    inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)  # [B, N] raster order
-    is_cutmix = ((box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1]))[:, None]
-    lam = batch.lam.float()[:, None].expand(-1, num_patches)
-    return torch.where(is_cutmix, (~inside).float(), lam)
-
-
 def patch_targets(batch, num_patches: int, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """``[B, N, C]`` per-patch label distributions:
     ``w_bi * smooth(onehot(label_b)) + (1 - w_bi) * smooth(onehot(partner_label_b))`` with
-    ``w`` from :func:`patch_own_share` and ``smooth(y) = (1 - eps) y + eps / C``."""
+    ``w`` from :func:`~vitdistill.augment.mixing.token_own_share` and ``smooth(y) = (1 - eps) y + eps / C``."""
     off = smoothing / num_classes
     own = F.one_hot(batch.labels, num_classes).float() * (1.0 - smoothing) + off
     other = F.one_hot(batch.partner_labels, num_classes).float() * (1.0 - smoothing) + off
-    w = patch_own_share(batch, num_patches)[:, :, None]
+    w = token_own_share(batch.mix_boxes, batch.lam, batch.images.shape[-2:], num_patches)[:, :, None]
     return w * own[:, None, :] + (1.0 - w) * other[:, None, :]
 
 

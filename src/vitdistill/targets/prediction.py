@@ -13,13 +13,20 @@ from ..errors import UserError
 @dataclass
 class TeacherPrediction:
     """A teacher's answer for each view: raw logits (online teacher) or a dense probability
-    distribution at a fixed temperature (an offline store). Terms ask for what they need and
-    get a clear error when the source cannot provide it (e.g. a new temperature from stored
-    probabilities)."""
+    distribution at a fixed temperature (an offline store), and per token (label maps) the
+    distribution of each token's region. Terms ask for what they need and get a clear error
+    when the source cannot provide it (e.g. a new temperature from stored probabilities)."""
 
     logits: torch.Tensor | None = None  # [B, C]
     probs: torch.Tensor | None = None  # [B, C] at `temperature`
     temperature: float = 1.0
+    token_probs: torch.Tensor | None = None  # [B, N, C]: each student token's region
+
+    def tokens(self) -> torch.Tensor:
+        """``[B, N, C]`` per-token target distributions."""
+        if self.token_probs is None:
+            raise UserError("the objective needs per-token targets: give the teacher's label maps (teacher.label_maps)")
+        return self.token_probs
 
     def log_probs(self, tau: float = 1.0) -> torch.Tensor:
         """``log psi(Z_t / tau)`` in fp32."""
