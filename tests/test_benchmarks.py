@@ -30,3 +30,21 @@ def test_throughput_benchmark_reports_all_variants(tmp_path, capsys):
     # the 224 regime with small stand-ins: synthetic full-size JPEGs decoded once to 256 px
     assert main([*args, "--regimes", "imagenet224", "--teacher", "vitdistill_convnet_tiny", "--student", "deit_tiny_patch16_224"]) == 0
     assert json.loads(out.read_text())["results"][0]["input_size"] == 224
+
+
+def test_compare_seeds_script(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    shrink = ["optim.epochs=1", "data.train_limit=128", "data.eval_limit=64", "optim.batch_size=32", f"data.cache_dir={tmp_path}"]
+    argv = ["compare_seeds.py", "--data", "unused", "--seeds", "0", "1", "--runs", str(tmp_path / "runs"), "--analyze", "--analysis-images", "32",
+            "--json", str(tmp_path / "c.json"),
+            "--variant", "plain", "demo_student", *shrink,
+            "--variant", "diverse", "demo_student", *shrink, "model.token_head=true", "objective=[{term: ce}, {term: patch_cosine, weight: 0.5}]"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "benchmarks" / "compare_seeds.py"), run_name="__main__")
+    results = json.loads((tmp_path / "c.json").read_text())
+    assert set(results) == {"plain", "diverse"} and len(results["plain"]["runs"]) == 2
+    assert all(0 <= r["last_patch_cosine"] <= 1 for r in results["diverse"]["runs"])
+    assert (tmp_path / "runs" / "analysis-compare" / "report.md").is_file()
+    assert "last-layer patch cos" in capsys.readouterr().out

@@ -67,6 +67,13 @@ def cmd_cache(args: argparse.Namespace) -> None:
     write_store(load_recipe(args.recipe, _split_overrides(args.overrides)))
 
 
+def cmd_labelmaps(args: argparse.Namespace) -> None:
+    from .config import load_recipe
+    from .labelmaps import write_label_maps
+
+    write_label_maps(load_recipe(args.recipe, _split_overrides(args.overrides)))
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .store import describe_store, verify_store
 
@@ -168,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a recipe with teacher.checkpoint (or name + weights) and store.path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. store.k=10 store.epochs=300")
     p.set_defaults(fn=cmd_cache)
+
+    p = sub.add_parser("labelmaps", help="write dense teacher label maps (token labeling): top-k per location of every image")
+    p.add_argument("recipe", help="a recipe with teacher.checkpoint (or name + weights) and labelmaps.path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. labelmaps.k=5")
+    p.set_defaults(fn=cmd_labelmaps)
 
     p = sub.add_parser("verify", help="recompute a sample of a teacher store's records; exit 1 on mismatch")
     p.add_argument("store", help="the store folder")

@@ -22,6 +22,7 @@ from .models import ModelSpec, VisionModel, build_model, load_model
 from .models.network import create_backbone
 from .objective import Objective
 from .rng import derive_seed
+from .labelmaps import LabelMapTargets
 from .store import StoreTargets
 from .targets import build_online_teacher
 
@@ -69,17 +70,25 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path) -> Trainer:
     model.capture(objective.needed_blocks)
     if objective.needs_token_logits and not model.has_token_logits:
         raise ConfigError("model.token_head", f"the objective classifies every patch token: set model.token_head: true ({cfg.model.name} has no per-token head)")
-    teacher = None
-    if objective.needs_teacher:
-        assert cfg.teacher is not None  # the schema guarantees it
-        if cfg.teacher.store is not None:
-            teacher = StoreTargets(cfg.teacher.store, cfg, train_src, env.device)
-        else:
-            teacher = build_online_teacher(cfg.teacher, train_src, mean, std).to(env.device)
-    placement = dict(placement=cfg.data.placement, workers=cfg.data.workers)
+    objective.setup(model, cfg.seed)
+    teacher = build_targets(cfg, objective, model, train_src, env) if objective.needs_teacher else None
+    augment_device = torch.device("cpu") if cfg.data.augment_device == "cpu" else None
+    placement = dict(placement=cfg.data.placement, workers=cfg.data.workers, augment_device=augment_device)
     train_views = Augmenter(train_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
     eval_views = Augmenter(eval_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
     return Trainer(cfg, model, objective, train_views, eval_views, teacher, env, output)
+
+
+def build_targets(cfg: RunConfig, objective: Objective, model: VisionModel, source: ImageSource, env: DistEnv):
+    """The teacher's answers, in the form the recipe names: label maps, a store, or online."""
+    assert cfg.teacher is not None  # the schema guarantees it
+    if cfg.teacher.label_maps is not None:
+        if model.token_grid is None:
+            raise UserError(f"teacher.label_maps: token targets need a vision transformer; {cfg.model.name} has no patch grid")
+        return LabelMapTargets(cfg.teacher.label_maps, cfg, source, model.token_grid, env.device)
+    if cfg.teacher.store is not None:
+        return StoreTargets(cfg.teacher.store, cfg, source, env.device)
+    return build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std).to(env.device)
 
 
 def train(cfg: RunConfig, resume: bool = False) -> RunResult:

@@ -8,7 +8,7 @@ coordinates, flip, mixing partner, lambda and cutmix box).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator
 
 import torch
@@ -44,6 +44,10 @@ class ViewBatch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def to(self, device: torch.device) -> "ViewBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return ViewBatch(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
     def label_targets(self, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
         """``[B, C]`` label distribution: ``lam * y_i + (1 - lam) * y_partner``, each smoothed."""
         off = smoothing / num_classes
@@ -58,13 +62,17 @@ class Augmenter:
 
     The decoded uint8 images live on the device when they fit (``placement``); otherwise in host
     memory, from where :meth:`train_batches` gathers each step's pixels ahead of time in
-    ``workers`` threads. Views do not depend on either choice.
+    ``workers`` threads. ``augment_device`` (the CPU) makes the views there and delivers them
+    to ``device``. Views do not depend on any of these choices (bit for bit on the CPU).
     """
 
-    def __init__(self, source: ImageSource, cfg: AugmentConfig, seed: int, mean, std, device: torch.device, placement: str = "auto", workers: int = 4):
+    def __init__(self, source: ImageSource, cfg: AugmentConfig, seed: int, mean, std, device: torch.device, placement: str = "auto", workers: int = 4,
+                 augment_device: torch.device | None = None):
         self.source = source
         self.cfg = cfg
         self.rng = CounterRNG(seed)
+        self.output_device = device  # where batches are delivered (the model's device)
+        device = augment_device or device  # where views are made (the CPU for the CPU path)
         self.device = device
         self.workers = workers
         self.images, self.on_device = place_images(source, device, placement)
@@ -150,7 +158,7 @@ class Augmenter:
             images = apply_mixing(images, partner_images, plan)
             partner_boxes = torch.where(plan.is_mixed[:, None], table_boxes, boxes)
             partner_flips = torch.where(plan.is_mixed, table_flips, flips)
-        return ViewBatch(
+        return self._deliver(ViewBatch(
             images=images,
             labels=self.labels[index],
             index=index,
@@ -163,7 +171,10 @@ class Augmenter:
             partner_flips=partner_flips,
             lam=plan.lam,
             mix_boxes=plan.box,
-        )
+        ))
+
+    def _deliver(self, batch: ViewBatch) -> ViewBatch:
+        return batch if self.output_device == self.device else batch.to(self.output_device)
 
     def _plan(self, index: torch.Tensor, epoch: int) -> MixPlan:
         if mixing_enabled(self.cfg):
@@ -180,7 +191,7 @@ class Augmenter:
         flips = torch.zeros(n, dtype=torch.bool, device=self.device)
         images = render(self._gather(index), boxes, flips, self.cfg.input_size)
         labels = self.labels[index]
-        return ViewBatch(
+        return self._deliver(ViewBatch(
             images=self.normalise(images),
             labels=labels,
             index=index,
@@ -193,7 +204,7 @@ class Augmenter:
             partner_flips=flips,
             lam=torch.ones(n, device=self.device),
             mix_boxes=torch.zeros(n, 4, device=self.device),
-        )
+        ))
 
 
 def place_images(source: ImageSource, device: torch.device, placement: str = "auto", max_fraction: float = 0.4) -> tuple[torch.Tensor, bool]:

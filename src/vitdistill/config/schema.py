@@ -41,6 +41,7 @@ class DataConfig:
     download: bool = False  # torchvision CIFAR only
     placement: Literal["auto", "device", "host"] = "auto"  # decoded images on the GPU, or host + prefetch
     workers: int = 4  # threads that gather host-resident images ahead of the GPU
+    augment_device: Literal["auto", "cpu"] = "auto"  # cpu: make the views on the CPU (same views), train on the GPU
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -122,6 +123,8 @@ class TeacherConfig:
     weights: str | None = None  # .safetensors / .pth state dict for `name`
     store: str | None = None  # read the teacher's top-k predictions from this store instead
     k: int | None = None  # with `store`: the k the store must have
+    label_maps: str | None = None  # dense score maps written by `vitdistill labelmaps` (token labeling)
+    label_map_mode: Literal["topk_softmax", "zero_filled"] = "topk_softmax"  # how stored top-k become distributions
     small_input_stem: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, float, float] | None = None  # the teacher's own input normalisation
@@ -132,10 +135,11 @@ class TeacherConfig:
         key = key or "teacher"
         _check(self.checkpoint is None or self.name is None, key, "give checkpoint (a vitdistill export) or name (+ weights), not both")
         _check(
-            self.store is not None or self.checkpoint is not None or self.name is not None,
+            any(v is not None for v in (self.store, self.label_maps, self.checkpoint, self.name)),
             key,
-            "needs checkpoint (a vitdistill export), name (+ weights) or store (written by vitdistill cache)",
+            "needs checkpoint (a vitdistill export), name (+ weights), store (vitdistill cache) or label_maps (vitdistill labelmaps)",
         )
+        _check(self.store is None or self.label_maps is None, key, "give store or label_maps, not both")
 
 
 @dataclass
@@ -152,6 +156,19 @@ class StoreConfig:
         _check(self.k >= 0, _join(key, "k"), "must be >= 0 (0 keeps every class)")
         _check(self.epochs is None or self.epochs >= 1, _join(key, "epochs"), "must be >= 1")
         _check(self.temperature > 0, _join(key, "temperature"), "must be positive")
+
+
+@dataclass
+class LabelMapConfig:
+    """``vitdistill labelmaps``: the teacher's classifier at every location of its last feature
+    map, on every whole training image; top-k scores per location."""
+
+    path: str | None = None  # the label-map folder
+    k: int = 5
+    batch_size: int | None = None  # teacher batch (default: optim.batch_size)
+
+    def validate(self, key: str) -> None:
+        _check(self.k >= 1, _join(key, "k"), "must be >= 1")
 
 
 @dataclass
@@ -211,6 +228,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig | None = None
     store: StoreConfig = field(default_factory=StoreConfig)
+    labelmaps: LabelMapConfig = field(default_factory=LabelMapConfig)
     objective: list[dict[str, Any]] = field(default_factory=lambda: [{"term": "ce"}])
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -43,7 +43,7 @@ class TrainStep(nn.Module):
         self.objective = objective
 
     def forward(self, batch: ViewBatch, teacher: TeacherPrediction | None):
-        out = self.model(batch.images)
+        out = self.model(batch.images, **self.objective.model_inputs(batch))
         return self.objective(out, batch, teacher)
 
 

@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..errors import UserError
 from . import convnet, lvvit  # noqa: F401  (register our CNNs and LV-ViT in timm)
 from .adapt import adapt_kwargs
-from .output import ModelOutput
+from .output import ModelOutput, TokenMix
 from .stems import use_small_input_stem
 
 SPEC_KEY = "vitdistill"
@@ -103,12 +103,41 @@ class VisionModel(nn.Module):
         depth = len(self.backbone.blocks) if self.is_vit else 0
         self.capture_blocks = tuple(sorted({b % depth for b in blocks})) if blocks else ()
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    @property
+    def token_grid(self) -> tuple[int, int] | None:
+        """The patch-token grid ``(rows, columns)`` of a ViT, None for other models."""
+        grid = getattr(getattr(self.backbone, "patch_embed", None), "grid_size", None)
+        return tuple(grid) if self.is_vit and grid is not None else None
+
+    def _mixed_tokens(self, x: torch.Tensor, mix: TokenMix) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """timm's ``forward_features`` with MixToken between patch embedding and position
+        embedding (timm has no hook there). Used only with MixToken; tested to equal
+        ``forward_features`` when nothing is mixed."""
+        net = self.backbone
+        t = net.patch_embed(x)
+        if t.dim() == 4:  # NHWC patch grids (dynamic_img_size models)
+            t = t.flatten(1, 2)
+        t = torch.where(mix.mask[..., None], t[mix.partner], t)
+        t = net._pos_embed(t)
+        t = getattr(net, "patch_drop", nn.Identity())(t)
+        t = getattr(net, "norm_pre", nn.Identity())(t)
+        block_tokens = {}
+        for i, block in enumerate(net.blocks):
+            t = block(t)
+            if i in self.capture_blocks:
+                block_tokens[i] = t[:, net.num_prefix_tokens :]
+        return net.norm(t), block_tokens
+
+    def forward(self, x: torch.Tensor, token_mix: TokenMix | None = None) -> ModelOutput:
         net = self.backbone
         if not self.is_vit:
+            if token_mix is not None:
+                raise UserError(f"MixToken needs a vision transformer; {self.spec.name} is not one")
             return ModelOutput(logits=net(x))
         block_tokens = {}
-        if self.capture_blocks:
+        if token_mix is not None:
+            tokens, block_tokens = self._mixed_tokens(x, token_mix)
+        elif self.capture_blocks:
             tokens, inter = net.forward_intermediates(x, indices=list(self.capture_blocks), norm=False, output_fmt="NLC")
             block_tokens = dict(zip(self.capture_blocks, inter))
         else:
@@ -121,7 +150,7 @@ class VisionModel(nn.Module):
             logits, dist_logits = net.forward_head(tokens), None
         head = getattr(net, "aux_head", None) or self.token_head
         token_logits = head(tokens[:, prefix:]) if head is not None else None
-        return ModelOutput(logits, dist_logits, tokens, prefix, token_logits, block_tokens)
+        return ModelOutput(logits, dist_logits, tokens, prefix, token_logits, block_tokens, token_mix)
 
     def freeze_batchnorm(self) -> None:
         """Fix every BatchNorm (running statistics and affine parameters), for finetuning: it

@@ -12,6 +12,15 @@ HEADS = ("cls", "dist", "mean")
 
 
 @dataclass
+class TokenMix:
+    """MixToken: where ``mask`` ``[B, N]`` is True, sample b's patch token comes from the sample
+    at batch position ``partner[b]`` (right after patch embedding)."""
+
+    mask: torch.Tensor
+    partner: torch.Tensor
+
+
+@dataclass
 class ModelOutput:
     """What a forward pass gives the objective.
 
@@ -29,6 +38,7 @@ class ModelOutput:
     num_prefix: int = 0
     token_logits: torch.Tensor | None = None
     block_tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+    token_mix: TokenMix | None = None  # the MixToken the forward applied, if any
 
     @property
     def patch_tokens(self) -> torch.Tensor:

@@ -59,6 +59,13 @@ class Term(nn.Module):
     def default_head(cls, has_dist_head: bool) -> str:
         return "cls"
 
+    def setup(self, model, seed: int) -> None:
+        """Called once with the model (a ``VisionModel``) and the run seed, before training."""
+
+    def model_inputs(self, batch: ViewBatch) -> dict:
+        """Extra keyword arguments for the model's forward on this batch (e.g. MixToken)."""
+        return {}
+
     def forward(self, out: ModelOutput, batch: ViewBatch, teacher: TeacherPrediction | None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -109,6 +116,16 @@ class Objective(nn.Module):
         self.needs_teacher = any(t.needs_teacher for t in terms)
         self.needed_blocks = {b for t in terms for b in t.needs_blocks}
         self.needs_token_logits = any(t.needs_token_logits for t in terms)
+
+    def setup(self, model, seed: int) -> None:
+        for term in self.terms:
+            term.setup(model, seed)
+
+    def model_inputs(self, batch: ViewBatch) -> dict:
+        inputs: dict = {}
+        for term in self.terms:
+            inputs.update(term.model_inputs(batch))
+        return inputs
 
     def forward(self, out: ModelOutput, batch: ViewBatch, teacher: TeacherPrediction | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total = 0.0

@@ -1,0 +1,145 @@
+"""Dense teacher label maps (LV-ViT's token labeling): what the teacher says about every region
+of every training image, computed once on the whole image.
+
+The teacher's classifier is applied at every location of its last feature map, as a 1x1
+convolution: for a global-pool head, ``forward_head`` on a 1x1 "image" is exactly the classifier
+at that location, so the mean of the per-location logits is the image's logits for linear
+heads. Top-k scores (logits, fp16) and class ids (int16, or int32 past 32,767 classes) are kept
+per location at the teacher's native grid. The map covers the whole cached source image (the
+same pixels the student's crops are cut from, so crops and labels can never disagree).
+
+On disk: a folder with ``labelmaps.bin`` (fixed-size records in sample-index order, read
+through ``numpy.memmap``) and ``manifest.json`` (written last; same integrity rules as the
+teacher store: teacher, dataset, grid, k pinned, file checksum).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..augment.geometry import full_boxes, render
+from ..config import RunConfig
+from ..data import ImageSource, open_source
+from ..engine.distributed import autocast, resolve_device
+from ..errors import UserError
+from ..progress import progress
+from ..store.format import file_sha256
+from ..store.writer import teacher_identity
+from ..targets import OnlineTeacher, build_online_teacher
+
+FORMAT = "vitdistill-label-maps/1"
+RECORDS = "labelmaps.bin"
+MANIFEST = "manifest.json"
+
+
+def map_dtype(k: int, height: int, width: int, num_classes: int) -> np.dtype:
+    ids = "<i2" if num_classes <= 32767 else "<i4"
+    return np.dtype([("ids", ids, (height, width, k)), ("scores", "<f2", (height, width, k))])
+
+
+@dataclass
+class LabelMapManifest:
+    k: int
+    grid: list[int]  # [h, w] of the teacher's feature map
+    num_classes: int
+    count: int
+    source_size: list[int]  # [H, W] of the cached source images the map covers
+    dataset: dict
+    teacher: dict
+    precision: str
+    sha256: str
+    format: str = FORMAT
+
+    @property
+    def dtype(self) -> np.dtype:
+        return map_dtype(self.k, self.grid[0], self.grid[1], self.num_classes)
+
+    @classmethod
+    def read(cls, folder: Path) -> "LabelMapManifest":
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise UserError(f"{folder} holds no label maps (no {MANIFEST}); write them with `vitdistill labelmaps`")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is corrupt ({err.msg} at line {err.lineno})") from None
+        if data.get("format") != FORMAT:
+            raise UserError(f"{path}: unsupported label-map format {data.get('format')!r} (this vitdistill reads {FORMAT})")
+        return cls(**data)
+
+
+def dense_scores(teacher: OnlineTeacher, images: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]``: the teacher's class scores at every location of its last feature map."""
+    net = teacher.model.backbone
+    features = net.forward_features(teacher.prepare(images))
+    if features.dim() != 4:
+        raise UserError(f"label maps need a convolutional teacher (a [B, C, h, w] feature map); {teacher.model.spec.name} gives {tuple(features.shape)}")
+    b, f, h, w = features.shape
+    per_location = features.permute(0, 2, 3, 1).reshape(b * h * w, f, 1, 1)
+    logits = net.forward_head(per_location)  # the classifier as a 1x1 convolution
+    return logits.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def whole_image_scores(teacher: OnlineTeacher, source: ImageSource, index: torch.Tensor, mean, std, device, precision: str) -> torch.Tensor:
+    """Dense scores of the whole source images ``index`` (normalised like the student's views)."""
+    height, width = source.image_size
+    pixels = source.images[index].to(device)
+    n = len(index)
+    images = render(pixels, full_boxes(n, height, width, device), torch.zeros(n, dtype=torch.bool, device=device), max(height, width))
+    mean_t, std_t = torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
+    with autocast(device, precision):
+        return dense_scores(teacher, (images - mean_t) / std_t).float()
+
+
+def write_label_maps(cfg: RunConfig) -> Path:
+    """Compute and store the label maps of every training image (``cfg.labelmaps``)."""
+    if cfg.labelmaps.path is None:
+        raise UserError("labelmaps.path: where should the label maps go? (e.g. labelmaps.path=runs/labelmaps/cifar10)")
+    if cfg.teacher is None or (cfg.teacher.checkpoint is None and cfg.teacher.name is None):
+        raise UserError("teacher: label maps need the teacher itself (teacher.checkpoint or teacher.name + weights)")
+    folder = Path(cfg.labelmaps.path)
+    device = resolve_device(cfg.engine.device)
+    precision = "bf16" if cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and device.type == "cuda") else "fp32"
+    source = open_source(cfg.data, cfg.data.train_split, cfg.data.train_limit)
+    teacher = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std).to(device)
+    k = min(cfg.labelmaps.k, source.num_classes)
+    probe = whole_image_scores(teacher, source, torch.arange(1), cfg.data.mean, cfg.data.std, device, precision)
+    grid = list(probe.shape[-2:])
+    dtype = map_dtype(k, grid[0], grid[1], source.num_classes)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (RECORDS + ".tmp")
+    records = np.memmap(tmp, dtype=dtype, mode="w+", shape=(len(source),))
+    batch = cfg.labelmaps.batch_size or cfg.optim.batch_size
+    starts = range(0, len(source), batch)
+    for first in progress(starts, total=len(starts), desc=f"label maps {folder.name}", enabled=cfg.engine.progress):
+        index = torch.arange(first, min(first + batch, len(source)))
+        scores, ids = whole_image_scores(teacher, source, index, cfg.data.mean, cfg.data.std, device, precision).topk(k, dim=1)
+        records["ids"][first : first + len(index)] = ids.permute(0, 2, 3, 1).to(torch.int32).cpu().numpy()
+        records["scores"][first : first + len(index)] = scores.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
+    records.flush()
+    del records
+    os.replace(tmp, folder / RECORDS)
+    manifest = LabelMapManifest(
+        k=k,
+        grid=grid,
+        num_classes=source.num_classes,
+        count=len(source),
+        source_size=list(source.image_size),
+        dataset=source.fingerprint(),
+        teacher=teacher_identity(cfg, teacher),
+        precision=precision,
+        sha256=file_sha256(folder / RECORDS),
+    )
+    (folder / (MANIFEST + ".tmp")).write_text(json.dumps(asdict(manifest), indent=1, sort_keys=True))
+    os.replace(folder / (MANIFEST + ".tmp"), folder / MANIFEST)
+    size = (folder / RECORDS).stat().st_size
+    print(f"vitdistill: label maps {folder}: {len(source):,} images, {grid[0]}x{grid[1]} locations, top-{k}; "
+          f"{dtype.itemsize:,} bytes per image, {size / 2**20:,.1f} MiB")
+    return folder

@@ -1,0 +1,127 @@
+"""Token targets from label maps: each student token gets the teacher's label of its region.
+
+For every view, the dense map of its source image is pooled with ``roi_align`` over the view's
+crop box, in source coordinates ``(x1, y1, x2, y2)`` as torchvision expects (the reference
+implementation passes ``(y1, x1, y2, x2)`` and so labels the transposed region), to the
+student's token grid, plus one pooled target for the whole crop; the view's flip is applied.
+Mixed views (mixup/cutmix) mix their own and their partner's pooled targets, per token with the
+share of the token's pixels each image contributes.
+
+``mode`` turns the stored top-k scores into distributions:
+
+* ``topk_softmax``: per location, softmax over the k stored logits (other classes 0); pooling
+  averages these distributions.
+* ``zero_filled`` (the reference's): per location, dense logits with the k stored values and
+  zeros elsewhere; pooling averages logits; softmax over all classes after pooling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.ops import roi_align
+
+from ..augment import ViewBatch
+from ..augment.mixing import token_own_share
+from ..config import RunConfig
+from ..data import ImageSource
+from ..errors import UserError
+from ..models.network import resolve_export
+from ..store.format import file_sha256, first_difference
+from ..targets import TeacherPrediction
+from .maps import RECORDS, LabelMapManifest
+
+MODES = ("topk_softmax", "zero_filled")
+
+
+def pool_tokens(dense: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, source_size, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool ``[B, C, h, w]`` maps over each crop box (source pixels) to ``grid`` tokens and to one
+    value for the whole crop: ``([B, gh * gw, C], [B, C])`` in raster order, flips applied."""
+    b, _, h, w = dense.shape
+    scale = boxes.new_tensor([w / source_size[1], h / source_size[0], w / source_size[1], h / source_size[0]])
+    rois = torch.cat([torch.arange(b, device=dense.device, dtype=dense.dtype)[:, None], (boxes * scale).to(dense.dtype)], dim=1)
+    tokens = roi_align(dense, rois, output_size=tuple(grid), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    crop = roi_align(dense, rois, output_size=(1, 1), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    tokens = torch.where(flips[:, None, None, None], tokens.flip(-1), tokens)
+    return tokens.flatten(2).transpose(1, 2), crop.flatten(1)
+
+
+def to_distribution(pooled: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pooled scores -> distributions over the last dimension."""
+    if mode == "zero_filled":
+        return torch.softmax(pooled, dim=-1)
+    total = pooled.sum(dim=-1, keepdim=True)
+    uniform = torch.full_like(pooled, 1.0 / pooled.shape[-1])
+    return torch.where(total > 1e-6, pooled / total.clamp_min(1e-6), uniform)  # a region wholly in the padding: uniform
+
+
+class LabelMapTargets:
+    """Teacher predictions for views, from label maps: ``probs`` for the whole crop and
+    ``token_probs`` per student token. All maps are kept on ``device`` (CIFAR-10 with a 4x4
+    map and k=5: 16 MB)."""
+
+    def __init__(self, folder: str | Path, cfg: RunConfig, source: ImageSource, grid: tuple[int, int], device: torch.device):
+        assert cfg.teacher is not None
+        self.folder = Path(folder)
+        self.manifest = manifest = LabelMapManifest.read(self.folder)
+        check_matches_run(manifest, cfg, source, self.folder)
+        if cfg.augment.rand_augment:
+            raise UserError(
+                "teacher.label_maps: token targets follow crops and flips, but RandAugment's rotate/shear/translate "
+                "move the image under them; use augment.color_jitter instead of augment.rand_augment"
+            )
+        records = read_records(self.folder, manifest)
+        self.ids = torch.from_numpy(np.ascontiguousarray(records["ids"])).to(device).long()  # [N, h, w, k]
+        self.scores = torch.from_numpy(np.ascontiguousarray(records["scores"])).to(device)
+        self.mode = cfg.teacher.label_map_mode
+        self.grid = grid
+        self.source_size = manifest.source_size
+
+    def dense(self, index: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]``: per-location probabilities (topk_softmax) or zero-filled logits."""
+        ids, scores = self.ids[index], self.scores[index].float()
+        values = torch.softmax(scores, dim=-1) if self.mode == "topk_softmax" else scores
+        b, h, w, _ = ids.shape
+        dense = values.new_zeros(b, h, w, self.manifest.num_classes).scatter_(-1, ids, values)
+        return dense.permute(0, 3, 1, 2)
+
+    def targets(self, index, boxes, flips) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, crop = pool_tokens(self.dense(index), boxes, flips, self.source_size, self.grid)
+        return to_distribution(tokens, self.mode), to_distribution(crop, self.mode)
+
+    def __call__(self, batch: ViewBatch) -> TeacherPrediction:
+        own_tokens, own_crop = self.targets(batch.index, batch.boxes, batch.flips)
+        partner_tokens, partner_crop = self.targets(batch.partner, batch.partner_boxes, batch.partner_flips)
+        share = token_own_share(batch.mix_boxes, batch.lam, batch.images.shape[-2:], own_tokens.shape[1])[..., None]
+        lam = batch.lam.float()[:, None]
+        return TeacherPrediction(
+            probs=lam * own_crop + (1 - lam) * partner_crop,
+            token_probs=share * own_tokens + (1 - share) * partner_tokens,
+        )
+
+
+def read_records(folder: Path, manifest: LabelMapManifest) -> np.ndarray:
+    path = folder / RECORDS
+    expected = manifest.count * manifest.dtype.itemsize
+    if not path.is_file() or path.stat().st_size != expected:
+        raise UserError(f"{path} is missing or has the wrong size (expected {expected:,} bytes): the label maps are damaged")
+    if file_sha256(path) != manifest.sha256:
+        raise UserError(f"{path} does not match its checksum in the manifest: the label maps are damaged")
+    return np.memmap(path, dtype=manifest.dtype, mode="r", shape=(manifest.count,))
+
+
+def check_matches_run(manifest: LabelMapManifest, cfg: RunConfig, source: ImageSource, folder: Path) -> None:
+    where = f"teacher.label_maps: {folder} was written for"
+    diff = first_difference(manifest.dataset, source.fingerprint(), "dataset.")
+    if diff:
+        raise UserError(f"{where} other data: {diff}")
+    assert cfg.teacher is not None
+    if cfg.teacher.k is not None and cfg.teacher.k != manifest.k:
+        raise UserError(f"{where} k={manifest.k}, the run asks for teacher.k={cfg.teacher.k}")
+    named = cfg.teacher.checkpoint or cfg.teacher.weights
+    if named is not None:
+        path = resolve_export(named) if cfg.teacher.checkpoint else Path(named)
+        if file_sha256(path) != manifest.teacher["weights_sha256"]:
+            raise UserError(f"{where} another teacher ({manifest.teacher['path']}), not {path}")
