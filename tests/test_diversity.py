@@ -17,6 +17,8 @@ from vitdistill.objective import Objective
 from vitdistill.augment.mixing import token_own_share
 from vitdistill.objective.diversity import patch_targets
 
+from test_objective import batch_of
+
 
 def patch_own_share(batch, n):
     return token_own_share(batch.mix_boxes, batch.lam, batch.images.shape[-2:], n)
@@ -25,22 +27,7 @@ C = 3
 
 
 def view_batch(labels, partner_labels=None, lam=None, mix_boxes=None, size=8) -> ViewBatch:
-    labels = torch.tensor(labels)
-    n = len(labels)
-    return ViewBatch(
-        images=torch.zeros(n, 3, size, size),
-        labels=labels,
-        index=torch.arange(n),
-        epoch=0,
-        boxes=torch.zeros(n, 4),
-        flips=torch.zeros(n, dtype=torch.bool),
-        partner=torch.arange(n),
-        partner_labels=labels if partner_labels is None else torch.tensor(partner_labels),
-        partner_boxes=torch.zeros(n, 4),
-        partner_flips=torch.zeros(n, dtype=torch.bool),
-        lam=torch.ones(n) if lam is None else torch.tensor(lam, dtype=torch.float32),
-        mix_boxes=torch.zeros(n, 4) if mix_boxes is None else torch.tensor(mix_boxes, dtype=torch.float32),
-    )
+    return batch_of(labels, partner_labels, lam, mix_boxes, size)
 
 
 def vit_output(patches: torch.Tensor, first=None, token_logits=None, prefix: int = 1) -> ModelOutput:

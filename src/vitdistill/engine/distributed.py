@@ -58,7 +58,11 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """``precision: auto`` is bf16 on CUDA and fp32 on the CPU; ``bf16``/``fp32`` force it."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA by default, fp32 on CPU (``precision: bf16`` forces it)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    """bf16 autocast where :func:`uses_bf16`, else nothing (fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, precision) else nullcontext()

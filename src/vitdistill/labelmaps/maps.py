@@ -25,13 +25,12 @@ import torch
 
 from ..augment.geometry import full_boxes, render
 from ..config import RunConfig
-from ..data import ImageSource, open_source
+from ..data import ImageSource
 from ..engine.distributed import autocast, resolve_device
 from ..errors import UserError
 from ..progress import progress
-from ..store.format import file_sha256
-from ..store.writer import teacher_identity
-from ..targets import OnlineTeacher, build_online_teacher
+from ..targets import OnlineTeacher
+from ..targets.offline import file_sha256, prepare_teacher_run, read_manifest, teacher_identity
 
 FORMAT = "vitdistill-label-maps/1"
 RECORDS = "labelmaps.bin"
@@ -62,16 +61,7 @@ class LabelMapManifest:
 
     @classmethod
     def read(cls, folder: Path) -> "LabelMapManifest":
-        path = Path(folder) / MANIFEST
-        if not path.is_file():
-            raise UserError(f"{folder} holds no label maps (no {MANIFEST}); write them with `vitdistill labelmaps`")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is corrupt ({err.msg} at line {err.lineno})") from None
-        if data.get("format") != FORMAT:
-            raise UserError(f"{path}: unsupported label-map format {data.get('format')!r} (this vitdistill reads {FORMAT})")
-        return cls(**data)
+        return cls(**read_manifest(folder, MANIFEST, FORMAT, "a label-map folder", "labelmaps"))
 
 
 def dense_scores(teacher: OnlineTeacher, images: torch.Tensor) -> torch.Tensor:
@@ -100,15 +90,8 @@ def whole_image_scores(teacher: OnlineTeacher, source: ImageSource, index: torch
 
 def write_label_maps(cfg: RunConfig) -> Path:
     """Compute and store the label maps of every training image (``cfg.labelmaps``)."""
-    if cfg.labelmaps.path is None:
-        raise UserError("labelmaps.path: where should the label maps go? (e.g. labelmaps.path=runs/labelmaps/cifar10)")
-    if cfg.teacher is None or (cfg.teacher.checkpoint is None and cfg.teacher.name is None):
-        raise UserError("teacher: label maps need the teacher itself (teacher.checkpoint or teacher.name + weights)")
-    folder = Path(cfg.labelmaps.path)
     device = resolve_device(cfg.engine.device)
-    precision = "bf16" if cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and device.type == "cuda") else "fp32"
-    source = open_source(cfg.data, cfg.data.train_split, cfg.data.train_limit)
-    teacher = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std).to(device)
+    folder, source, teacher, precision = prepare_teacher_run(cfg, cfg.labelmaps.path, "labelmaps.path", device)
     k = min(cfg.labelmaps.k, source.num_classes)
     probe = whole_image_scores(teacher, source, torch.arange(1), cfg.data.mean, cfg.data.std, device, precision)
     grid = list(probe.shape[-2:])

@@ -28,9 +28,8 @@ from ..augment.mixing import token_own_share
 from ..config import RunConfig
 from ..data import ImageSource
 from ..errors import UserError
-from ..models.network import resolve_export
-from ..store.format import file_sha256, first_difference
 from ..targets import TeacherPrediction
+from ..targets.offline import check_provenance, file_sha256
 from .maps import RECORDS, LabelMapManifest
 
 MODES = ("topk_softmax", "zero_filled")
@@ -66,7 +65,7 @@ class LabelMapTargets:
         assert cfg.teacher is not None
         self.folder = Path(folder)
         self.manifest = manifest = LabelMapManifest.read(self.folder)
-        check_matches_run(manifest, cfg, source, self.folder)
+        check_provenance(f"teacher.label_maps: {self.folder} was written for", manifest.dataset, manifest.teacher, manifest.k, cfg, source)
         if cfg.augment.rand_augment:
             raise UserError(
                 "teacher.label_maps: token targets follow crops and flips, but RandAugment's rotate/shear/translate "
@@ -110,18 +109,3 @@ def read_records(folder: Path, manifest: LabelMapManifest) -> np.ndarray:
     if file_sha256(path) != manifest.sha256:
         raise UserError(f"{path} does not match its checksum in the manifest: the label maps are damaged")
     return np.memmap(path, dtype=manifest.dtype, mode="r", shape=(manifest.count,))
-
-
-def check_matches_run(manifest: LabelMapManifest, cfg: RunConfig, source: ImageSource, folder: Path) -> None:
-    where = f"teacher.label_maps: {folder} was written for"
-    diff = first_difference(manifest.dataset, source.fingerprint(), "dataset.")
-    if diff:
-        raise UserError(f"{where} other data: {diff}")
-    assert cfg.teacher is not None
-    if cfg.teacher.k is not None and cfg.teacher.k != manifest.k:
-        raise UserError(f"{where} k={manifest.k}, the run asks for teacher.k={cfg.teacher.k}")
-    named = cfg.teacher.checkpoint or cfg.teacher.weights
-    if named is not None:
-        path = resolve_export(named) if cfg.teacher.checkpoint else Path(named)
-        if file_sha256(path) != manifest.teacher["weights_sha256"]:
-            raise UserError(f"{where} another teacher ({manifest.teacher['path']}), not {path}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..targets.offline import file_sha256, first_difference, read_manifest  # noqa: F401  (re-exported)
 
 FORMAT = "vitdistill-teacher-store/1"
 MANIFEST = "manifest.json"
@@ -35,14 +35,6 @@ def record_dtype(k: int, num_classes: int) -> np.dtype:
 
 def epoch_file(epoch: int) -> str:
     return f"epoch_{epoch:04d}.bin"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def json_sha256(obj) -> str:
@@ -85,41 +77,13 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
-        path = Path(folder) / MANIFEST
-        if not path.is_file():
-            raise UserError(f"{folder} is not a teacher store (no {MANIFEST}); write one with `vitdistill cache`")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is corrupt ({err.msg} at line {err.lineno})") from None
-        if data.get("format") != FORMAT:
-            raise UserError(f"{path}: unsupported store format {data.get('format')!r} (this vitdistill reads {FORMAT})")
-        return cls(**data)
+        return cls(**read_manifest(folder, MANIFEST, FORMAT, "a teacher store", "cache"))
 
 
 def augment_fingerprint(recipe_augment: dict, mean, std) -> dict:
     """What determines the pixels of a view besides (seed, epoch, index): the augmentation recipe
     and the normalisation (random erasing draws its noise in normalised units)."""
     return {"config": recipe_augment, "mean": list(mean), "std": list(std)}
-
-
-def first_difference(stored, current, prefix: str = "") -> str | None:
-    """The dotted key of the first difference between two JSON-like values, or None."""
-    if isinstance(stored, dict) and isinstance(current, dict):
-        for key in sorted(set(stored) | set(current)):
-            found = first_difference(stored.get(key), current.get(key), f"{prefix}{key}.")
-            if found:
-                return found
-        return None
-    if isinstance(stored, (list, tuple)) and isinstance(current, (list, tuple)) and len(stored) == len(current):
-        for i, (a, b) in enumerate(zip(stored, current)):
-            found = first_difference(a, b, f"{prefix}{i}.")
-            if found:
-                return found
-        return None
-    if stored != current:
-        return f"{prefix[:-1] or 'value'} ({stored!r} in the store, {current!r} now)"
-    return None
 
 
 def topk_records(probs: torch.Tensor, k: int, dtype: np.dtype) -> np.ndarray:

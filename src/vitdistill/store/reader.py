@@ -11,9 +11,9 @@ from ..augment import ViewBatch
 from ..config import RunConfig, to_dict
 from ..data import ImageSource
 from ..errors import UserError
-from ..models.network import resolve_export
 from ..targets import TeacherPrediction
-from .format import Manifest, augment_fingerprint, dense_from_topk, file_sha256, first_difference
+from ..targets.offline import check_provenance, file_sha256, first_difference
+from .format import Manifest, augment_fingerprint, dense_from_topk
 
 
 def check_matches_run(manifest: Manifest, cfg: RunConfig, source: ImageSource, folder: Path) -> None:
@@ -22,20 +22,10 @@ def check_matches_run(manifest: Manifest, cfg: RunConfig, source: ImageSource, f
     where = f"teacher.store: {folder} was written for"
     if manifest.seed != cfg.seed:
         raise UserError(f"{where} seed {manifest.seed}, the run uses seed {cfg.seed}")
-    diff = first_difference(manifest.dataset, source.fingerprint(), "dataset.")
-    if diff:
-        raise UserError(f"{where} other data: {diff}")
+    check_provenance(where, manifest.dataset, manifest.teacher, manifest.k, cfg, source)
     diff = first_difference(manifest.augment, augment_fingerprint(to_dict(cfg.augment), cfg.data.mean, cfg.data.std), "augment.")
     if diff:
         raise UserError(f"{where} other views: {diff}")
-    assert cfg.teacher is not None
-    if cfg.teacher.k is not None and cfg.teacher.k != manifest.k:
-        raise UserError(f"{where} k={manifest.k}, the run asks for teacher.k={cfg.teacher.k}")
-    named = cfg.teacher.checkpoint or cfg.teacher.weights
-    if named is not None:
-        path = resolve_export(named) if cfg.teacher.checkpoint else Path(named)
-        if file_sha256(path) != manifest.teacher["weights_sha256"]:
-            raise UserError(f"{where} another teacher ({manifest.teacher['path']}), not {path}")
     missing = [e for e in range(cfg.optim.epochs) if str(e) not in manifest.epochs]
     if missing:
         raise UserError(

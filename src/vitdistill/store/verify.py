@@ -13,9 +13,10 @@ from ..data import open_source
 from ..engine.distributed import DistEnv, resolve_device
 from ..errors import UserError
 from ..targets import build_online_teacher
-from .format import Manifest, file_sha256, first_difference
+from ..targets.offline import file_sha256, first_difference, teacher_identity
+from .format import Manifest
 from .reader import read_epoch
-from .writer import teacher_identity, teacher_probs
+from .writer import teacher_probs
 
 # Largest |stored - recomputed| probability accepted by default: fp16 storage rounds a probability
 # by at most 2^-11 (~4.9e-4); a bf16 teacher run on another batch composition moves more.

@@ -16,13 +16,12 @@ import torch
 
 from ..augment import Augmenter
 from ..config import RunConfig, to_dict
-from ..data import open_source
 from ..engine.distributed import DistEnv, autocast, barrier, setup_distributed
 from ..engine.metrics import format_duration
 from ..errors import UserError
-from ..models.network import resolve_export
 from ..progress import progress_bar
-from ..targets import OnlineTeacher, build_online_teacher
+from ..targets import OnlineTeacher
+from ..targets.offline import prepare_teacher_run, teacher_identity
 from .format import (
     Manifest,
     augment_fingerprint,
@@ -31,14 +30,6 @@ from .format import (
     first_difference,
     topk_records,
 )
-
-
-def teacher_identity(cfg: RunConfig, teacher: OnlineTeacher) -> dict:
-    """Which teacher this is: its architecture and a checksum of its weights file."""
-    assert cfg.teacher is not None
-    source = cfg.teacher.checkpoint or cfg.teacher.weights
-    path = resolve_export(source) if cfg.teacher.checkpoint else Path(str(source))
-    return {"spec": teacher.model.spec.to_json(), "weights_sha256": file_sha256(path), "path": str(path)}
 
 
 def new_manifest(cfg: RunConfig, source, teacher: OnlineTeacher, precision: str) -> Manifest:
@@ -82,16 +73,9 @@ def teacher_probs(teacher: OnlineTeacher, views: Augmenter, index: torch.Tensor,
 
 def write_store(cfg: RunConfig) -> Path:
     """Write (or complete) the store of ``cfg.store.path``; returns its folder."""
-    if cfg.store.path is None:
-        raise UserError("store.path: where should the store go? (e.g. store.path=runs/stores/cifar10)")
-    if cfg.teacher is None or (cfg.teacher.checkpoint is None and cfg.teacher.name is None):
-        raise UserError("teacher: caching needs the teacher itself (teacher.checkpoint or teacher.name + weights)")
     env = setup_distributed(cfg.engine.device)
-    folder = Path(cfg.store.path)
-    source = open_source(cfg.data, cfg.data.train_split, cfg.data.train_limit)
-    teacher = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std).to(env.device)
+    folder, source, teacher, precision = prepare_teacher_run(cfg, cfg.store.path, "store.path", env.device)
     views = Augmenter(source, cfg.augment, cfg.seed, cfg.data.mean, cfg.data.std, env.device, cfg.data.placement, cfg.data.workers)
-    precision = "bf16" if cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and env.device.type == "cuda") else "fp32"
     manifest = new_manifest(cfg, source, teacher, precision)
     if (folder / "manifest.json").is_file():
         existing = Manifest.read(folder)
