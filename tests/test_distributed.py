@@ -27,3 +27,28 @@ def test_two_processes_match_one(tmp_path, tiny_teacher):
         assert torch.allclose(a[key], b[key], atol=2e-4, rtol=1e-3), key
     rows = open(tmp_path / "two" / "metrics.csv").read().splitlines()
     assert len(rows) == 3  # header + 2 epochs, written once (by rank 0)
+
+
+def test_two_processes_write_the_same_store_as_one(tmp_path, tiny_teacher):
+    import numpy as np
+
+    from vitdistill.store import Manifest, write_store
+
+    def overrides(folder):
+        return tiny_run(tmp_path / "unused", f"teacher.checkpoint={tiny_teacher}", f"store.path={folder}", "store.epochs=2", "store.k=3",
+                        "augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", "engine.device=cpu")
+
+    write_store(load_recipe("demo_student_distilled", overrides(tmp_path / "one")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VITDISTILL_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitdistill", "cache",
+           "demo_student_distilled", *overrides(tmp_path / "two")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = Manifest.read(tmp_path / "one"), Manifest.read(tmp_path / "two")
+    assert one.complete_epochs() == two.complete_epochs() == [0, 1]
+    for epoch in (0, 1):
+        a = np.memmap(tmp_path / "one" / f"epoch_000{epoch}.bin", dtype=one.dtype, mode="r")
+        b = np.memmap(tmp_path / "two" / f"epoch_000{epoch}.bin", dtype=two.dtype, mode="r")
+        # each process wrote its own half; the teacher ran on other batch compositions
+        assert (a["ids"][:, 0] == b["ids"][:, 0]).mean() > 0.99
+        assert np.abs(a["probs"].astype(np.float32) - b["probs"].astype(np.float32)).max() < 2e-3
