@@ -94,3 +94,15 @@ def test_large_decoded_arrays_are_memory_mapped(monkeypatch, tmp_path):
     assert torch.equal(in_ram.images, mapped.images) and in_ram.images.shape == (6, 5, 6, 3)
     aug = Augmenter(mapped, AugmentConfig(input_size=4), 0, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
     assert not aug.on_device  # memory-mapped data is read ahead by threads, even on a CPU device
+
+
+def test_erase_noise_is_keyed_by_sample_and_epoch():
+    from vitdistill.augment.photometric import erase_noise
+
+    rng = CounterRNG(2)
+    batch = erase_noise(rng, 3, torch.arange(20), (20, 3, 16, 16))
+    alone = erase_noise(rng, 3, torch.tensor([7]), (1, 3, 16, 16))
+    assert torch.equal(batch[7], alone[0])
+    assert not torch.equal(batch[7], batch[8])
+    assert not torch.equal(batch[7], erase_noise(rng, 4, torch.tensor([7]), (1, 3, 16, 16))[0])  # another epoch
+    assert abs(batch.mean().item()) < 0.05 and abs(batch.std().item() - 1) < 0.05
