@@ -59,8 +59,11 @@ class StoreTargets:
     def __call__(self, batch: ViewBatch) -> TeacherPrediction:
         ids, probs = self._records(batch.epoch)
         index = batch.index.to(self.device)
-        dense = dense_from_topk(ids[index], probs[index], self.manifest.num_classes)
-        return TeacherPrediction(probs=dense, temperature=self.manifest.temperature)
+        ids, probs = ids[index], probs[index]
+        dense = dense_from_topk(ids, probs, self.manifest.num_classes)
+        # ids are stored in decreasing probability: the first is argmax Z_t even where two
+        # probabilities round to the same fp16 value
+        return TeacherPrediction(probs=dense, temperature=self.manifest.temperature, top1=ids[:, 0].long())
 
 
 def read_epoch(folder: Path, manifest: Manifest, epoch: int, verify: bool) -> np.ndarray:

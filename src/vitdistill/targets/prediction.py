@@ -21,6 +21,7 @@ class TeacherPrediction:
     probs: torch.Tensor | None = None  # [B, C] at `temperature`
     temperature: float = 1.0
     token_probs: torch.Tensor | None = None  # [B, N, C]: each student token's region
+    top1: torch.Tensor | None = None  # [B] the teacher's class when known exactly (stores: fp16 can tie)
 
     def tokens(self) -> torch.Tensor:
         """``[B, N, C]`` per-token target distributions."""
@@ -39,6 +40,8 @@ class TeacherPrediction:
 
     def hard_labels(self) -> torch.Tensor:
         """``y_t = argmax Z_t``."""
+        if self.top1 is not None:
+            return self.top1
         source = self.logits if self.logits is not None else self.probs
         assert source is not None
         return source.argmax(dim=-1)
