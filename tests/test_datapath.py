@@ -46,12 +46,14 @@ def test_erase_boxes_follow_timm_ranges_and_probability():
 
 def test_random_erase_replaces_only_the_box_with_standard_noise():
     rng = CounterRNG(1)
-    images = torch.full((200, 3, 16, 16), 7.0)
+    images = torch.full((200, 3, 32, 32), 7.0)
     out = random_erase(images, rng, 0, torch.arange(200), prob=1.0)
     changed = (out != 7.0).any(dim=1)
-    boxes = erase_boxes(rng, 0, torch.arange(200), 16, 16, prob=1.0)
+    boxes = erase_boxes(rng, 0, torch.arange(200), 32, 32, prob=1.0)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     assert torch.equal(changed.sum(dim=(1, 2)).float(), area)
+    # the noise is drawn from the epoch's 3 x 64 x 64 field (12,288 values): its mean has
+    # std 0.009, so 0.05 is over 5 sigma
     noise = out[out != 7.0]
     assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05
 
@@ -105,4 +107,5 @@ def test_erase_noise_is_keyed_by_sample_and_epoch():
     assert torch.equal(batch[7], alone[0])
     assert not torch.equal(batch[7], batch[8])
     assert not torch.equal(batch[7], erase_noise(rng, 4, torch.tensor([7]), (1, 3, 16, 16))[0])  # another epoch
-    assert abs(batch.mean().item()) < 0.05 and abs(batch.std().item() - 1) < 0.05
+    per_sample = batch.flatten(1)
+    assert (per_sample.mean(1).abs() < 0.3).all() and ((per_sample.std(1) - 1).abs() < 0.2).all()  # 768 values each

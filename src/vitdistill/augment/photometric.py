@@ -63,19 +63,20 @@ def erase_boxes(rng: CounterRNG, epoch: int, index: torch.Tensor, height: int, w
     return torch.where(keep[:, None], boxes, torch.zeros_like(boxes))
 
 
-def noise_field(rng: CounterRNG, channels: int, height: int, width: int, device) -> torch.Tensor:
-    """``[channels, 2 height, 2 width]`` i.i.d. ``N(0, 1)``, fixed by the run seed."""
+def noise_field(rng: CounterRNG, epoch: int, channels: int, height: int, width: int, device) -> torch.Tensor:
+    """``[channels, 2 height, 2 width]`` i.i.d. ``N(0, 1)``, fixed by (seed, epoch)."""
     cells = torch.arange(channels * 4 * height * width, device=device)
-    return rng.normal(0, cells, "erase-noise-field", 1).view(channels, 2 * height, 2 * width)
+    return rng.normal(epoch, cells, "erase-noise-field", 1).view(channels, 2 * height, 2 * width)
 
 
 def erase_noise(rng: CounterRNG, epoch: int, index: torch.Tensor, shape) -> torch.Tensor:
-    """Per-pixel ``N(0, 1)`` noise for each sample: a window of the seeded noise field at a
-    per-sample random offset. Each pixel's value is standard normal and the window is keyed by
-    (seed, epoch, index), so views replay; but it costs one gather instead of hashing
-    ``C x H x W`` numbers per sample (at 224x224 that is 150k per sample)."""
+    """Per-pixel ``N(0, 1)`` noise for each sample: a window of the epoch's seeded noise field at
+    a per-sample random offset. Within a sample the pixels are i.i.d. standard normal (samples of
+    one epoch share the field, at different offsets); everything is keyed by (seed, epoch,
+    index), so views replay. It costs one gather instead of hashing ``C x H x W`` numbers per
+    sample (150k per sample at 224x224)."""
     n, c, height, width = shape
-    field = noise_field(rng, c, height, width, index.device)
+    field = noise_field(rng, epoch, c, height, width, index.device)
     u = rng.uniform(epoch, index, "erase-noise-offset", 2)
     oy = torch.floor(u[:, 0] * height).long()[:, None, None]
     ox = torch.floor(u[:, 1] * width).long()[:, None, None]
