@@ -42,10 +42,21 @@ def test_counter_rng_distributions():
     assert (hist - 2000).abs().max() < 200
     z = rng.normal(0, torch.arange(20000), "z", 1)
     assert abs(z.mean().item()) < 0.03 and abs(z.std().item() - 1) < 0.03
-    for alpha in (0.8, 1.0, 2.0):
+    for alpha in (0.1, 0.2, 0.8, 1.0, 2.0):
         b = rng.beta(0, torch.arange(20000), "b", alpha)
         var = 1 / (4 * (2 * alpha + 1))  # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1))
         assert abs(b.mean().item() - 0.5) < 0.01 and abs(b.var().item() - var) < 0.01
+
+
+def test_beta_inverse_cdf_matches_the_distribution():
+    from scipy import stats
+
+    rng = CounterRNG(5)
+    for alpha in (0.1, 0.2, 0.8, 2.0):
+        b = rng.beta(0, torch.arange(50000), "beta", alpha).double().numpy()
+        left = b[b < 0.5]  # float32 is exact near 0 (near 1, values within 6e-8 round to 1.0)
+        result = stats.kstest(left, lambda x: 2 * stats.beta(alpha, alpha).cdf(x))
+        assert result.statistic < 0.01, (alpha, result)
 
 
 def test_permutation_and_partners():

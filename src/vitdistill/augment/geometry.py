@@ -21,7 +21,7 @@ from ..rng import CounterRNG
 RRC_TRIES = 10
 
 
-def rrc_boxes(rng: CounterRNG, epoch: int, index: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:
+def rrc_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:
     """Random-resized-crop boxes with torchvision's algorithm (10 tries, then a centre crop)."""
     u = rng.uniform(epoch, index, "rrc", 4 * RRC_TRIES).view(-1, RRC_TRIES, 4)
     area = float(height * width)
@@ -52,7 +52,7 @@ def rrc_boxes(rng: CounterRNG, epoch: int, index: torch.Tensor, height: int, wid
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
 
 
-def pad_crop_boxes(rng: CounterRNG, epoch: int, index: torch.Tensor, height: int, width: int, pad: int) -> torch.Tensor:
+def pad_crop_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: int, width: int, pad: int) -> torch.Tensor:
     """Pad-and-crop (the CIFAR recipe): a source-sized window shifted by up to ``pad`` pixels."""
     u = rng.uniform(epoch, index, "padcrop", 2)
     dx = torch.floor(u[:, 0] * (2 * pad + 1)) - pad
@@ -71,7 +71,7 @@ def full_boxes(n: int, height: int, width: int, device) -> torch.Tensor:
     return torch.tensor([0.0, 0.0, width, height], device=device).expand(n, 4).clone()
 
 
-def sample_boxes(rng: CounterRNG, epoch: int, index: torch.Tensor, height: int, width: int, cfg: AugmentConfig) -> torch.Tensor:
+def sample_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: int, width: int, cfg: AugmentConfig) -> torch.Tensor:
     """The training crop box of every sample."""
     if cfg.crop == "rrc":
         return rrc_boxes(rng, epoch, index, height, width, cfg.scale, cfg.ratio)
@@ -80,7 +80,7 @@ def sample_boxes(rng: CounterRNG, epoch: int, index: torch.Tensor, height: int, 
     return full_boxes(index.shape[0], height, width, index.device)
 
 
-def sample_flips(rng: CounterRNG, epoch: int, index: torch.Tensor, prob: float) -> torch.Tensor:
+def sample_flips(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, prob: float) -> torch.Tensor:
     return rng.uniform(epoch, index, "hflip", 1)[:, 0] < prob
 
 

@@ -26,7 +26,7 @@ def grey(images: torch.Tensor) -> torch.Tensor:
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-def color_jitter(images: torch.Tensor, rng: CounterRNG, epoch: int, index: torch.Tensor, strength: float) -> torch.Tensor:
+def color_jitter(images: torch.Tensor, rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, strength: float) -> torch.Tensor:
     """Brightness, contrast and saturation factors ``f ~ U[max(0, 1 - s), 1 + s]`` per sample.
 
     brightness: ``x * f``; contrast: ``x * f + mean(grey(x)) * (1 - f)``;
@@ -40,7 +40,7 @@ def color_jitter(images: torch.Tensor, rng: CounterRNG, epoch: int, index: torch
     return (x * f[2] + grey(x) * (1 - f[2])).clamp(0, 1)
 
 
-def erase_boxes(rng: CounterRNG, epoch: int, index: torch.Tensor, height: int, width: int, prob: float) -> torch.Tensor:
+def erase_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: int, width: int, prob: float) -> torch.Tensor:
     """timm's RandomErasing box per sample, ``(x1, y1, x2, y2)`` in pixels; empty when not erased.
 
     Area ``U[0.02, 1/3]`` of the image, log-aspect ``U[log 0.3, log 1/0.3]``; the first of 10 tries
@@ -63,13 +63,13 @@ def erase_boxes(rng: CounterRNG, epoch: int, index: torch.Tensor, height: int, w
     return torch.where(keep[:, None], boxes, torch.zeros_like(boxes))
 
 
-def noise_field(rng: CounterRNG, epoch: int, channels: int, height: int, width: int, device) -> torch.Tensor:
+def noise_field(rng: CounterRNG, epoch: int | torch.Tensor, channels: int, height: int, width: int, device) -> torch.Tensor:
     """``[channels, 2 height, 2 width]`` i.i.d. ``N(0, 1)``, fixed by (seed, epoch)."""
     cells = torch.arange(channels * 4 * height * width, device=device)
     return rng.normal(epoch, cells, "erase-noise-field", 1).view(channels, 2 * height, 2 * width)
 
 
-def erase_noise(rng: CounterRNG, epoch: int, index: torch.Tensor, shape) -> torch.Tensor:
+def erase_noise(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
     """Per-pixel ``N(0, 1)`` noise for each sample: a window of the epoch's seeded noise field at
     a per-sample random offset. Within a sample the pixels are i.i.d. standard normal (samples of
     one epoch share the field, at different offsets); everything is keyed by (seed, epoch,
@@ -86,7 +86,7 @@ def erase_noise(rng: CounterRNG, epoch: int, index: torch.Tensor, shape) -> torc
     return field.flatten(1)[:, flat].permute(1, 0, 2).reshape(n, c, height, width)
 
 
-def random_erase(images: torch.Tensor, rng: CounterRNG, epoch: int, index: torch.Tensor, prob: float) -> torch.Tensor:
+def random_erase(images: torch.Tensor, rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, prob: float) -> torch.Tensor:
     """Replace each sample's erase box by per-pixel ``N(0, 1)`` noise (normalised images)."""
     _, _, height, width = images.shape
     boxes = erase_boxes(rng, epoch, index, height, width, prob)

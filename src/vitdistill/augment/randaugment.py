@@ -393,7 +393,7 @@ class SlotDraws:
     sign: torch.Tensor
 
 
-def draw_slot(rng: CounterRNG, epoch: int, index: torch.Tensor, spec: RandAugmentSpec, slot: int) -> SlotDraws:
+def draw_slot(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, spec: RandAugmentSpec, slot: int) -> SlotDraws:
     """The random choices of op slot ``slot`` for every sample (timm's ``RandAugment`` + ``AugmentOp``)."""
     n_ops = len(spec.transforms)
     u_op = rng.uniform(epoch, index, f"randaug/{slot}/op")[:, 0]
@@ -428,7 +428,7 @@ def apply_slot(x: torch.Tensor, draws: SlotDraws, transforms: tuple[str, ...], f
     return torch.where(geometric.view(b, 1, 1, 1), warp_affine(x, matrix, fill), out)
 
 
-def rand_augment(images: torch.Tensor, rng: CounterRNG, epoch: int, index: torch.Tensor, spec: RandAugmentSpec,
+def rand_augment(images: torch.Tensor, rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, spec: RandAugmentSpec,
                  fill: tuple[float, float, float]) -> torch.Tensor:
     """images: [B, 3, H, W] float in [0, 1] (un-normalised), index: [B] int64 sample ids on the same device.
 

@@ -71,6 +71,7 @@ class AugmentConfig:
     eval_crop_pct: float = 1.0  # evaluation: centre crop of this fraction, resized to input_size
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    compile: bool = False  # torch.compile the view function (fuses its many small ops; views equal to ~1e-6)
     mix_prob: float = 1.0  # probability that a sample is mixed (when an alpha is > 0)
     switch_prob: float = 0.5  # probability of cutmix rather than mixup when both are on
 
