@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)), help="DataLoader workers of (d)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--compile", choices=["", "model", "augment", "both"], default="", help="torch.compile the student, the views, or both")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache", default=".cache/bench", help="decoded images, synthetic data, random teachers")
     p.add_argument("--student", help="replace the regime's student (timm name)")

@@ -95,19 +95,20 @@ def synthetic_imagefolder(root: Path, count: int, classes: int = 10, sizes=(320,
     return root
 
 
-def make_config(regime: Regime, data_root: str, cache: str, teacher_file: Path | None, batch_size: int, compile_model: bool, device: str,
+def make_config(regime: Regime, data_root: str, cache: str, teacher_file: Path | None, batch_size: int, compile_model: str, device: str,
                 store: dict | None = None) -> RunConfig:
+    """The benchmark's run; ``compile_model`` is "model", "augment", "both" or ""."""
     objective = [{"term": "ce", "weight": 0.5, "head": "cls", "smoothing": 0.1}]
     if teacher_file is not None:
         objective.append({"term": "kd_hard", "weight": 0.5})  # the distillation head when there is one
     raw = {
         "name": f"bench-{regime.name}",
         "data": {"source": "imagefolder", "root": data_root, "cache_dir": cache, "source_size": regime.source_size, "eval_split": "train"},
-        "augment": {"input_size": regime.input_size, **regime.augment},
+        "augment": {"input_size": regime.input_size, "compile": compile_model in ("augment", "both"), **regime.augment},
         "model": regime.student,
         "objective": objective,
         "optim": {"epochs": 1, "batch_size": batch_size, "warmup_epochs": 0},
-        "engine": {"device": device, "compile": compile_model, "progress": False, "tensorboard": False},
+        "engine": {"device": device, "compile": compile_model in ("model", "both"), "progress": False, "tensorboard": False},
     }
     if teacher_file is not None:
         raw["teacher"] = {"checkpoint": str(teacher_file)}
@@ -230,7 +231,7 @@ def measure_cpu_loader(trainer, split_dir: Path, regime: Regime, workers: int, w
 
 
 def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: int | None, workers: int, warmup: int, steps: int,
-               compile_model: bool, device: str, student: str | None = None, teacher: str | None = None, synthetic_images: int = 2000) -> dict:
+               compile_model: str, device: str, student: str | None = None, teacher: str | None = None, synthetic_images: int = 2000) -> dict:
     from ..data.imagefolder import resolve_split_dir, unpack_archive
     from ..runner import build_trainer  # late: the runner imports most of the package
 
@@ -264,7 +265,7 @@ def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: i
     return results
 
 
-def measure_store(regime: Regime, data_root: str, cache: Path, teacher_file: Path, batch_size: int, compile_model: bool, device: str,
+def measure_store(regime: Regime, data_root: str, cache: Path, teacher_file: Path, batch_size: int, compile_model: str, device: str,
                   env: DistEnv, warmup: int, steps: int) -> float:
     """Write a k=10 store of the views the measurement will use, then time training from it."""
     from ..runner import build_trainer
@@ -290,7 +291,7 @@ def describe_machine(device: str) -> dict:
 
 
 def run(regimes: list[str], data: dict[str, str | None], cache: Path, batch_size: int | None, workers: int, warmup: int, steps: int,
-        compile_model: bool, device: str, json_path: str | None = None, **model_overrides) -> dict:
+        compile_model: str, device: str, json_path: str | None = None, **model_overrides) -> dict:
     report = {"machine": describe_machine(device), "results": []}
     for name in regimes:
         regime = REGIMES[name]
@@ -303,7 +304,7 @@ def run(regimes: list[str], data: dict[str, str | None], cache: Path, batch_size
 
 
 def format_result(r: dict) -> str:
-    lines = [f"{r['regime']}: {r['student']} @ {r['input_size']}, teacher {r['teacher']}, batch {r['batch_size']}, compile {r['compile']}"]
+    lines = [f"{r['regime']}: {r['student']} @ {r['input_size']}, teacher {r['teacher']}, batch {r['batch_size']}, compile {r['compile'] or 'off'}"]
     for key, label in (("a_bare_img_s", "(a) bare model step"), ("b_pipeline_img_s", "(b) vitdistill pipeline"),
                        ("c_pipeline_teacher_img_s", "(c) vitdistill pipeline + teacher"), ("d_loader_img_s", "(d) CPU loader"),
                        ("d_loader_teacher_img_s", "(d) CPU loader + teacher"), ("e_pipeline_store_img_s", "(e) vitdistill pipeline + store")):
