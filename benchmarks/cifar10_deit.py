@@ -5,7 +5,7 @@ Stages run one after another (or one per call with --stage, to fit a time limit;
 stage continues with --resume semantics). Results: last-epoch top-1, wall time and images/s of
 each stage, as JSON and as a Markdown table for benchmarks/RESULTS.md.
 
-    python benchmarks/cifar10_deit.py --data ../shared/datasets/cifar10-jpg.tar.gz --runs runs/bench
+    python benchmarks/cifar10_deit.py --data ../shared/datasets/cifar10-jpg.tar.gz
     python benchmarks/cifar10_deit.py --stage teacher ...   # then --stage baseline, --stage distilled
 """
 
@@ -29,11 +29,11 @@ STAGES = {
 
 
 def run_stage(stage: str, args: argparse.Namespace) -> dict:
-    out = Path(args.runs) / stage
+    out = Path(args.runs) / STAGES[stage]  # runs/cnn_teacher_cifar10 etc.: where the other recipes look
     epochs = args.teacher_epochs if stage == "teacher" else args.student_epochs
     overrides = [f"output={out}", f"data.root={args.data}", f"optim.epochs={epochs}", f"seed={args.seed}", *args.overrides]
     if stage == "distilled":
-        overrides.append(f"teacher.checkpoint={Path(args.runs) / 'teacher' / 'model.safetensors'}")
+        overrides.append(f"teacher.checkpoint={Path(args.runs) / STAGES['teacher'] / 'model.safetensors'}")
     if args.compile:
         overrides.append("engine.compile=true")
     summary = out / "summary.json"
@@ -57,7 +57,7 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="CIFAR-10 ImageFolder folder or archive")
-    parser.add_argument("--runs", default="runs/bench_cifar10")
+    parser.add_argument("--runs", default="runs")
     parser.add_argument("--stage", choices=["all", *STAGES], default="all")
     parser.add_argument("--teacher-epochs", type=int, default=60)
     parser.add_argument("--student-epochs", type=int, default=100)

@@ -25,10 +25,17 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-@torch.compiler.assume_constant_result
 def _stream_key(seed: int, stream: str) -> int:
-    """A 64-bit key for (seed, stream); a constant for torch.compile."""
-    return derive_seed(seed, stream)
+    """A 64-bit key for (seed, stream): FNV-1a over the stream's bytes, then a splitmix64
+    finaliser with the seed. Pure Python integer arithmetic, so torch.compile folds it into a
+    constant (a library hash such as hashlib would break the graph)."""
+    h = 0xCBF29CE484222325
+    for byte in stream.encode():
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    h = (h ^ (seed * 0x9E3779B97F4A7C15)) & 0xFFFFFFFFFFFFFFFF
+    h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return h ^ (h >> 31)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path) -> Trainer:
     if objective.needs_token_logits and not model.has_token_logits:
         raise ConfigError("model.token_head", f"the objective classifies every patch token: set model.token_head: true ({cfg.model.name} has no per-token head)")
     objective.setup(model, cfg.seed)
-    teacher = build_targets(cfg, objective, model, train_src, env) if objective.needs_teacher else None
+    teacher = build_targets(cfg, model, train_src, env) if objective.needs_teacher else None
     augment_device = torch.device("cpu") if cfg.data.augment_device == "cpu" else None
     placement = dict(placement=cfg.data.placement, workers=cfg.data.workers, augment_device=augment_device)
     train_views = Augmenter(train_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
@@ -79,7 +79,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path) -> Trainer:
     return Trainer(cfg, model, objective, train_views, eval_views, teacher, env, output)
 
 
-def build_targets(cfg: RunConfig, objective: Objective, model: VisionModel, source: ImageSource, env: DistEnv):
+def build_targets(cfg: RunConfig, model: VisionModel, source: ImageSource, env: DistEnv):
     """The teacher's answers, in the form the recipe names: label maps, a store, or online."""
     assert cfg.teacher is not None  # the schema guarantees it
     if cfg.teacher.label_maps is not None:

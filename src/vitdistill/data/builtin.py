@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -12,17 +14,22 @@ from .source import ImageSource, cache_root, hash_items, limit_positions
 DIGITS_TEST_EVERY = 5  # every 5th digit (by dataset order) is held out for evaluation
 
 
+@functools.lru_cache(maxsize=1)
+def _load_digits():
+    from sklearn.datasets import load_digits
+
+    return load_digits()  # parsed once per process (about a second each time otherwise)
+
+
 def open_digits(split: str, limit: int | None) -> ImageSource:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), shipped in its package.
 
     ``train`` is 4 of every 5 images in dataset order, ``test`` the 5th (1,437 / 360). Pixels are
     scaled to 0..255 and repeated over three channels.
     """
-    from sklearn.datasets import load_digits
-
     if split not in ("train", "test"):
         raise UserError(f"data: the digits source has splits 'train' and 'test', not {split!r}")
-    digits = load_digits()
+    digits = _load_digits()
     order = np.arange(len(digits.target))
     held_out = order % DIGITS_TEST_EVERY == 0
     chosen = order[held_out] if split == "test" else order[~held_out]

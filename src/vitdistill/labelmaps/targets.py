@@ -72,7 +72,7 @@ class LabelMapTargets:
                 "move the image under them; use augment.color_jitter instead of augment.rand_augment"
             )
         records = read_records(self.folder, manifest)
-        self.ids = torch.from_numpy(np.ascontiguousarray(records["ids"])).to(device).long()  # [N, h, w, k]
+        self.ids = torch.from_numpy(np.ascontiguousarray(records["ids"])).to(device)  # [N, h, w, k] int16: widened per batch
         self.scores = torch.from_numpy(np.ascontiguousarray(records["scores"])).to(device)
         self.mode = cfg.teacher.label_map_mode
         self.grid = grid
@@ -80,7 +80,7 @@ class LabelMapTargets:
 
     def dense(self, index: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]``: per-location probabilities (topk_softmax) or zero-filled logits."""
-        ids, scores = self.ids[index], self.scores[index].float()
+        ids, scores = self.ids[index].long(), self.scores[index].float()
         values = torch.softmax(scores, dim=-1) if self.mode == "topk_softmax" else scores
         b, h, w, _ = ids.shape
         dense = values.new_zeros(b, h, w, self.manifest.num_classes).scatter_(-1, ids, values)
