@@ -32,9 +32,6 @@ from ..targets import TeacherPrediction
 from ..targets.offline import check_provenance, file_sha256
 from .maps import RECORDS, LabelMapManifest
 
-MODES = ("topk_softmax", "zero_filled")
-
-
 def pool_tokens(dense: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, source_size, grid) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool ``[B, C, h, w]`` maps over each crop box (source pixels) to ``grid`` tokens and to one
     value for the whole crop: ``([B, gh * gw, C], [B, C])`` in raster order, flips applied."""

@@ -13,7 +13,6 @@ to a temporary name and renamed; the manifest is rewritten (atomically) after ea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..targets.offline import file_sha256, first_difference, read_manifest  # noqa: F401  (re-exported)
+from ..targets.offline import read_manifest
 
 FORMAT = "vitdistill-teacher-store/1"
 MANIFEST = "manifest.json"
@@ -35,10 +34,6 @@ def record_dtype(k: int, num_classes: int) -> np.dtype:
 
 def epoch_file(epoch: int) -> str:
     return f"epoch_{epoch:04d}.bin"
-
-
-def json_sha256(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass

@@ -21,15 +21,8 @@ from ..engine.metrics import format_duration
 from ..errors import UserError
 from ..progress import progress_bar
 from ..targets import OnlineTeacher
-from ..targets.offline import prepare_teacher_run, teacher_identity
-from .format import (
-    Manifest,
-    augment_fingerprint,
-    epoch_file,
-    file_sha256,
-    first_difference,
-    topk_records,
-)
+from ..targets.offline import file_sha256, first_difference, prepare_teacher_run, teacher_identity
+from .format import Manifest, augment_fingerprint, epoch_file, topk_records
 
 
 def new_manifest(cfg: RunConfig, source, teacher: OnlineTeacher, precision: str) -> Manifest:
