@@ -231,8 +231,8 @@ def test_tiny_training_run_on_digits(tmp_path):
     overrides = ["model.name=lvvit_tiny", "model.img_size=8", "model.patch_size=2", "model.kwargs={embed_dim: 32, depth: 2, num_heads: 2}"]
     result = train(load_recipe("demo_student", tiny_run(tmp_path / "run", *overrides)))
     assert len(result.history) == 2
-    assert all(math.isfinite(row["train_loss"]) for row in result.history)
-    assert 0.0 <= result.final["eval_top1"] <= 100.0
+    first, last = result.history
+    assert last["train_loss"] < first["train_loss"] and last["eval_top1"] > 15.0  # it learns: chance is 10%
     model = load_model(result.output / "model.safetensors")
     net = model.backbone
     assert isinstance(net, LVViT) and net.embed_dim == 32 and len(net.blocks) == 2 and net.patch_embed.grid_size == (4, 4)

@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import UserError
+from .errors import RecipeWarning, UserError
 
 EPILOG = """examples:
   vitdistill demo
@@ -239,7 +240,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Our recipe warnings as one line; everything else as Python prints it."""
+    if issubclass(category, RecipeWarning):
+        print(f"vitdistill: warning: {message}", file=sys.stderr)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `vitdistill recipes | head -5`: the reader left; say nothing (as `ls | head` does).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the pipe
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come before or after options (argparse alone stops at the first).
     args, extra = parser.parse_known_args(argv)

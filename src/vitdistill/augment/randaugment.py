@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..config.schema import register_recipe_check
+from ..errors import ConfigError, UserError
 from ..rng import CounterRNG
 
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is the full argument range
@@ -449,3 +450,13 @@ def rand_augment(images: torch.Tensor, rng: CounterRNG, epoch: int | torch.Tenso
         changed = changed | draws.applied
     out = (x / 255.0).clamp_(0.0, 1.0).to(images.dtype)
     return torch.where(changed.view(-1, 1, 1, 1), out, images)
+
+
+@register_recipe_check
+def check_rand_augment(cfg) -> None:
+    """``augment.rand_augment`` is a policy this module can run."""
+    if cfg.augment.rand_augment is not None:
+        try:
+            parse_rand_augment(cfg.augment.rand_augment)
+        except UserError as err:
+            raise ConfigError("augment.rand_augment", str(err)) from None

@@ -8,10 +8,25 @@ term's own parameter dataclass (see :mod:`vitdistill.objective`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import re
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Literal
 
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, RecipeWarning
+
+# Checks that need a registry above the config layer (objective terms, timm models, optimizers,
+# RandAugment policies) are registered here by the package that owns the registry, so that the
+# config layer imports nothing above it and every check still runs when a recipe is loaded.
+RECIPE_CHECKS: list[Callable[["RunConfig"], None]] = []
+
+
+def register_recipe_check(check: Callable[["RunConfig"], None]) -> Callable[["RunConfig"], None]:
+    """Run ``check(cfg)`` on every validated recipe; it raises :class:`ConfigError` naming the key."""
+    RECIPE_CHECKS.append(check)
+    return check
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,6 +59,8 @@ class DataConfig:
     augment_device: Literal["auto", "cpu"] = "auto"  # cpu: make the views on the CPU (same views), train on the GPU
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    on_corrupt: Literal["error", "skip"] = "error"  # an image that cannot be decoded: stop naming it, or leave it out (counted)
+    allow_empty_classes: bool = False  # ImageFolder: keep a class folder without images as a class
 
     def validate(self, key: str) -> None:
         _check(self.workers >= 0, _join(key, "workers"), "must be >= 0")
@@ -86,13 +103,11 @@ class AugmentConfig:
         for name in ("mixup_alpha", "cutmix_alpha"):
             _check(getattr(self, name) >= 0, _join(key, name), "must be >= 0")
         _check(self.color_jitter is None or self.color_jitter >= 0, _join(key, "color_jitter"), "must be >= 0")
-        if self.rand_augment is not None:
-            from ..augment.randaugment import parse_rand_augment
-
-            try:
-                parse_rand_augment(self.rand_augment)
-            except UserError as err:
-                raise ConfigError(_join(key, "rand_augment"), str(err)) from None
+        defaults = AugmentConfig()
+        if self.crop != "rrc":
+            for name in ("scale", "ratio"):
+                if getattr(self, name) != getattr(defaults, name):
+                    warnings.warn(f"{_join(key, name)} has no effect with {_join(key, 'crop')}={self.crop} (it applies to crop: rrc)", RecipeWarning, stacklevel=2)
 
 
 @dataclass
@@ -210,9 +225,13 @@ class EngineConfig:
     progress: bool = True
     tensorboard: bool = True
     eval_batch_size: int | None = None
+    nan_policy: Literal["stop", "skip_step"] = "stop"  # a non-finite loss: stop the run, or skip that update
+    max_skipped_steps: int = 10  # skip_step: stop after this many skipped updates
 
     def validate(self, key: str) -> None:
+        _check(DEVICE_PATTERN.fullmatch(self.device) is not None, _join(key, "device"), f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.eval_every >= 1, _join(key, "eval_every"), "must be >= 1")
+        _check(self.max_skipped_steps >= 0, _join(key, "max_skipped_steps"), "must be >= 0")
         e = self.ema_decay
         _check(e is None or 0 < e < 1, _join(key, "ema_decay"), "must be in (0, 1)")
 
@@ -235,12 +254,9 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self, key: str) -> None:
-        from ..objective import needs_teacher, validate_terms  # late: objective imports config
-
         _check(len(self.objective) > 0, "objective", "needs at least one term")
-        self.objective = validate_terms(self.objective)
-        if needs_teacher(self.objective):
-            _check(self.teacher is not None, "teacher", "the objective needs a teacher; none is set")
+        for check in RECIPE_CHECKS:
+            check(self)
 
     @property
     def output_dir(self) -> str:

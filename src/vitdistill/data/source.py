@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ class ImageSource:
     name: str  # e.g. "imagefolder:cifar10/train"
     items_hash: str  # hash of the ordered sample list (file names + labels)
     memory_mapped: bool = False  # images read from disk on demand (larger than the RAM budget)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> files left out (not_image, corrupt)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -7,7 +7,20 @@ from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_grou
 from timm.scheduler import CosineLRScheduler
 
 from ..config import OptimConfig
-from ..errors import UserError
+from ..config.schema import register_recipe_check
+from ..errors import ConfigError, UserError
+
+
+@register_recipe_check
+def check_optimizer(cfg) -> None:
+    """``optim.opt`` is an optimizer timm can build (``lookahead_`` prefixes allowed)."""
+    try:
+        from timm.optim import list_optimizers
+    except ImportError:  # pragma: no cover - timm < 1.0.12 has no registry to ask
+        return
+    name = cfg.optim.opt.lower()
+    if name.removeprefix("lookahead_") not in list_optimizers():
+        raise ConfigError("optim.opt", f"unknown optimizer {cfg.optim.opt!r} (e.g. adamw, sgd, lamb, lion; all: timm.optim.list_optimizers())")
 
 
 def scaled_lr(cfg: OptimConfig) -> float:

@@ -18,7 +18,6 @@ from torch.nn.parallel import DistributedDataParallel
 from ..augment import Augmenter, ViewBatch
 from ..config import RunConfig, to_dict
 from ..data import steps_per_epoch, train_batches
-from ..errors import UserError
 from ..models import VisionModel, export_model
 from ..objective import Objective
 from ..progress import progress_bar
@@ -27,6 +26,7 @@ from ..targets import TeacherPrediction
 from .checkpoint import CHECKPOINT_FORMAT, save_atomic
 from .distributed import DistEnv, all_reduce_sum, autocast, barrier
 from .evaluate import evaluate
+from .guard import FiniteGuard, check_finite_state
 from .metrics import MetricsLog, format_duration
 from .optim import build_optimizer, build_scheduler
 
@@ -80,6 +80,7 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=cfg.engine.ema_decay)
+        self.guard = FiniteGuard(cfg.engine.nan_policy, cfg.engine.max_skipped_steps, env)
         self.num_updates = 0
         self.start_epoch = 0
         self.history: list[dict] = []
@@ -101,6 +102,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        check_finite_state(state["epoch"], self.model)  # a checkpoint written before the guard existed
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state.get("ema") is not None:
@@ -120,6 +122,8 @@ class Trainer:
             for epoch in range(self.start_epoch, epochs):
                 bar.set_description_str(f"{cfg.name} {epoch + 1}/{epochs}")
                 row = {"epoch": epoch + 1, **self.train_epoch(epoch, bar)}
+                # Nothing non-finite is ever saved: the previous checkpoint stays the last good one.
+                check_finite_state(epoch, self.model, self.objective, self.ema)
                 if (epoch + 1) % cfg.engine.eval_every == 0 or epoch + 1 == epochs:
                     row.update(self.evaluate_all())
                 self.history.append(row)
@@ -128,11 +132,6 @@ class Trainer:
                     log.write(self.history)
                     bar.write(epoch_line(row, epochs))
                 barrier(env)
-                if not math.isfinite(row["train_loss"]):
-                    raise UserError(
-                        f"training diverged in epoch {epoch + 1} (loss {row['train_loss']}); "
-                        "the last checkpoint is kept; try a lower optim.lr or set optim.clip_grad"
-                    )
         finally:
             bar.close()
             if log is not None:
@@ -151,36 +150,53 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank, "torch"))
         batches = train_batches(len(self.train_views.source), cfg.optim.batch_size, self.train_views.rng, epoch, env.rank, env.world)
         sums: dict[str, torch.Tensor] = {}
-        images = 0
+        images, updates = 0, 0
+        guard = self.guard
+        guard.start_epoch()
         start = time.perf_counter()
         for step, batch in enumerate(self.train_views.train_batches(batches, epoch)):
-            loss, parts = self.train_step(batch)
-            for key, value in {"loss": loss, **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value.float()
+            result = self.train_step(batch, epoch, step)
             images += len(batch)
             bar.update(1)
+            if result is not None:  # None: a skipped update (engine.nan_policy=skip_step)
+                loss, parts = result
+                guard.record(loss, step)
+                for key, value in {"loss": loss, **parts}.items():
+                    sums[key] = sums.get(key, 0.0) + value.float()
+                updates += 1
             if step % 25 == 0 or step == len(batches) - 1:
+                guard.check(epoch)  # reads the device-side flag where the loop synchronises anyway
                 rate = images * env.world / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"loss {float(sums['loss']) / (step + 1):.4f}  lr {self.lr:.2e}  {rate:,.0f} img/s")
+                mean = float(sums["loss"]) / max(updates, 1) if sums else float("nan")
+                bar.set_postfix_str(f"loss {mean:.4f}  lr {self.lr:.2e}  {rate:,.0f} img/s")
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         elapsed = time.perf_counter() - start
         names = list(sums)
-        means = all_reduce_sum(torch.stack([sums[k] for k in names]), env) / (len(batches) * env.world)
+        means = all_reduce_sum(torch.stack([sums[k] for k in names]), env) / (max(updates, 1) * env.world) if names else torch.zeros(0)
         stats = {f"train_{k}": v for k, v in zip(names, means.tolist())}
         stats.update(lr=self.lr, train_time_s=elapsed, train_img_per_s=images * env.world / elapsed)
+        if cfg.engine.nan_policy == "skip_step":
+            stats["train_skipped_steps"] = guard.skipped
         return stats
 
-    def train_step(self, batch: ViewBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def train_step(self, batch: ViewBatch, epoch: int = 0, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """One update on one batch of views: teacher, forward, objective, backward, step, EMA.
-        Returns the (detached) total loss and each term's value."""
+        Returns the (detached) total loss and each term's value, or None when the update was
+        skipped for a non-finite loss or gradient (``engine.nan_policy: skip_step``)."""
         cfg = self.cfg
         with autocast(self.env.device, cfg.engine.precision):
             prediction = self.teacher(batch) if self.teacher is not None else None
             loss, parts = self.ddp(batch, prediction)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.optim.clip_grad is not None:
+        if cfg.engine.nan_policy == "skip_step":
+            max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else math.inf
+            norm = nn.utils.clip_grad_norm_(self.step_module.parameters(), max_norm)
+            if self.guard.skip_update(loss, norm, epoch, step):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+        elif cfg.optim.clip_grad is not None:
             nn.utils.clip_grad_norm_(self.step_module.parameters(), cfg.optim.clip_grad)
         self.optimizer.step()
         self.num_updates += 1

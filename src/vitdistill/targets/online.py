@@ -11,7 +11,7 @@ from ..config.schema import IMAGENET_MEAN, IMAGENET_STD
 from ..data import ImageSource
 from ..errors import UserError
 from ..models import ModelSpec, VisionModel, load_model
-from ..models.network import create_backbone, load_backbone_weights
+from ..models.network import check_input_size, create_backbone, load_backbone_weights
 from .prediction import TeacherPrediction
 
 
@@ -54,7 +54,7 @@ class OnlineTeacher:
         return TeacherPrediction(logits=out.head("mean").float())
 
 
-def build_online_teacher(cfg: TeacherConfig, data: ImageSource, student_mean, student_std) -> OnlineTeacher:
+def build_online_teacher(cfg: TeacherConfig, data: ImageSource, student_mean, student_std, student_input_size: int | None = None) -> OnlineTeacher:
     """Load the teacher of the recipe and check that it predicts the data's classes."""
     if cfg.checkpoint is not None:
         model = load_model(cfg.checkpoint)
@@ -71,6 +71,8 @@ def build_online_teacher(cfg: TeacherConfig, data: ImageSource, student_mean, st
         raise UserError(f"teacher: it predicts {spec.num_classes} classes but the data has {data.num_classes}")
     if spec.classes and list(spec.classes) != list(data.classes):
         raise UserError(f"teacher: its classes {spec.classes[:5]}... differ from the data's {data.classes[:5]}...")
+    if student_input_size is not None:
+        check_input_size(model.backbone, cfg.input_size or student_input_size, "teacher.input_size", spec.name, "set teacher.input_size to it (views are resized for the teacher)")
     mean = cfg.mean or spec.mean or _timm_default(spec.name, "mean", IMAGENET_MEAN)
     std = cfg.std or spec.std or _timm_default(spec.name, "std", IMAGENET_STD)
     return OnlineTeacher(model, student_mean, student_std, mean, std, cfg.input_size or None)
