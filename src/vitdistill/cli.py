@@ -38,7 +38,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_recipe
     from .runner import train
 
-    cfg = load_recipe(args.recipe, _split_overrides(args.overrides))
+    overrides = _split_overrides(args.overrides) + ([f"optim.budget={args.budget}"] if args.budget else [])
+    cfg = load_recipe(args.recipe, overrides)
     train(cfg, resume=args.resume)
 
 
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="packaged recipe name (see `vitdistill recipes`) or a .yaml path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-4 data.root=/data/imagenet")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
+    p.add_argument("--budget", metavar="TIME", help="train as many steps as fit in TIME (e.g. 8m, 90s, 1h30m; = optim.budget)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a trained model")

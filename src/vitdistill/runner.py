@@ -69,7 +69,7 @@ def check_resume_compatible(saved: dict, current: RunConfig) -> None:
             raise UserError(f"--resume: {key} was {old.get(key)!r} in the checkpoint but is {new.get(key)!r} now; resume with the same recipe")
 
 
-def build_trainer(cfg: RunConfig, env: DistEnv, output: Path) -> Trainer:
+def build_trainer(cfg: RunConfig, env: DistEnv, output: Path, clock_start: float | None = None) -> Trainer:
     """Everything a run needs, from its recipe: data, views, model, teacher, objective."""
     train_src, eval_src = open_splits(cfg.data)
     check_batch_size(cfg.optim.batch_size, len(train_src), env.world)
@@ -87,7 +87,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path) -> Trainer:
     placement = dict(placement=cfg.data.placement, workers=cfg.data.workers, augment_device=augment_device)
     train_views = Augmenter(train_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
     eval_views = Augmenter(eval_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
-    return Trainer(cfg, model, objective, train_views, eval_views, teacher, env, output)
+    return Trainer(cfg, model, objective, train_views, eval_views, teacher, env, output, clock_start)
 
 
 def build_targets(cfg: RunConfig, model: VisionModel, source: ImageSource, env: DistEnv):
@@ -116,12 +116,8 @@ def train(cfg: RunConfig, resume: bool = False) -> RunResult:
     if resume:  # refuse a changed recipe before spending time on the data
         state = load_checkpoint(checkpoint)
         check_resume_compatible(state["config"], cfg)
-    if env.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    start = time.perf_counter()
-    trainer = build_trainer(cfg, env, output)
+    start = time.perf_counter()  # a time budget counts from here: data, model, compilation included
+    trainer = build_trainer(cfg, env, output, start)
     if state is not None:
         trainer.load_state_dict(state)
     source = trainer.train_views.source
@@ -134,12 +130,20 @@ def train(cfg: RunConfig, resume: bool = False) -> RunResult:
     history = trainer.fit()
     wall = time.perf_counter() - start
     if env.is_main:
-        write_summary(cfg, output, history, wall, skipped_files(source, trainer.eval_views.source))
+        write_summary(cfg, output, history, wall, skipped_files(source, trainer.eval_views.source), budget_report(trainer, wall))
     parameters = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunResult(output=output, history=history, wall_time_s=wall, parameters=parameters)
 
 
-def write_summary(cfg: RunConfig, output: Path, history: list[dict], wall: float, skipped: dict | None = None) -> None:
+def budget_report(trainer: Trainer, wall: float) -> dict | None:
+    """A budgeted run's plan next to what happened (wall time of this process's part)."""
+    clock = trainer.budget
+    if clock is None or clock.plan is None:
+        return None
+    return {**clock.plan.to_dict(), "actual_s": wall, "cut_short": clock.cut_short, "steps_done": min(trainer.total_steps, len(trainer.history) * trainer.steps)}
+
+
+def write_summary(cfg: RunConfig, output: Path, history: list[dict], wall: float, skipped: dict | None = None, budget: dict | None = None) -> None:
     final = history[-1] if history else {}
     rates = [row["train_img_per_s"] for row in history if "train_img_per_s" in row]
     summary = {
@@ -151,8 +155,14 @@ def write_summary(cfg: RunConfig, output: Path, history: list[dict], wall: float
         "model": str(output / "model.safetensors"),
         "skipped_files": skipped or {},
     }
+    if budget is not None:
+        summary["budget"] = budget
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nvitdistill: {cfg.name} finished in {format_duration(wall)}; weights in {output / 'model.safetensors'}")
+    if budget is not None:
+        note = ", cut short: the measured rate did not hold" if budget["cut_short"] else ""
+        print(f"vitdistill: budget {format_duration(budget['budget_s'])}: planned end {format_duration(budget['planned_end_s'])}, "
+              f"actual {format_duration(wall)}{note}")
     print(format_summary(history))
 
 

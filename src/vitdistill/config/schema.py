@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal
 
 from ..errors import ConfigError, RecipeWarning
+from .parsing import parse_duration
 
 # Checks that need a registry above the config layer (objective terms, timm models, optimizers,
 # RandAugment policies) are registered here by the package that owns the registry, so that the
@@ -202,6 +203,7 @@ class OptimConfig:
     min_lr: float = 1e-5
     clip_grad: float | None = None
     layer_decay: float | None = None  # e.g. 0.8: lr x 0.8 per block from the head down
+    budget: str | None = None  # e.g. 8m, 90s, 1h30m: train as many steps as fit (optim.epochs is the upper bound)
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, _join(key, "epochs"), "must be >= 1")
@@ -211,6 +213,8 @@ class OptimConfig:
         _check(self.clip_grad is None or self.clip_grad > 0, _join(key, "clip_grad"), "must be positive")
         ld = self.layer_decay
         _check(ld is None or 0 < ld <= 1, _join(key, "layer_decay"), "must be in (0, 1]")
+        if self.budget is not None:
+            parse_duration(self.budget, _join(key, "budget"))
 
 
 @dataclass

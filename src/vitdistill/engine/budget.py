@@ -13,32 +13,10 @@ start of the run (data, model, compilation included).
 from __future__ import annotations
 
 import math
-import re
+import time
 from dataclasses import asdict, dataclass
 
-from ..errors import ConfigError
-
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
-
-
-def parse_duration(text: str | float | int, key: str = "optim.budget") -> float:
-    """Seconds in ``90``, ``90s``, ``8m``, ``1.5m``, ``1h30m``; a clear error otherwise."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        value = str(text).strip().lower().replace(" ", "")
-        try:
-            seconds = float(value)
-        except ValueError:
-            match = _DURATION.fullmatch(value)
-            if not value or match is None or not any(match.groups()):
-                raise ConfigError(key, f"expected a duration such as 90s, 8m or 1h30m, got {text!r}") from None
-            seconds = sum(float(v) * _UNITS[u] for v, u in zip(match.groups(), "hms") if v)
-    if not seconds > 0:
-        raise ConfigError(key, f"must be a positive duration, got {text!r}")
-    return seconds
-
+from ..config.parsing import parse_duration  # noqa: F401  (re-exported: the budget's unit)
 
 @dataclass
 class BudgetPlan:
@@ -112,3 +90,57 @@ def plan_steps(
         planned_end_s=elapsed_s + cost(total),
         capped_by_epochs=total == max_steps,
     )
+
+
+class BudgetClock:
+    """The measuring side of a budgeted run: the trainer calls :meth:`measure` after every step
+    until it returns the seconds per step, then asks :meth:`plan` for the schedule.
+
+    Step time is measured over a window after ``warmup_steps`` (compilation and allocator
+    warm-up), long enough to be stable (at least ``min_steps`` steps and about 3% of the
+    budget, at most 15 s); the device is synchronised only at the window's two ends.
+    """
+
+    def __init__(self, budget_s: float, clock_start: float, sync, warmup_steps: int = 3, min_steps: int = 10):
+        self.budget_s = budget_s
+        self.clock_start = clock_start
+        self.sync = sync  # waits for the device (a no-op on the CPU)
+        self.warmup_steps = warmup_steps
+        self.min_steps = min_steps
+        self.window_start: tuple[int, float] | None = None
+        self.window_steps = min_steps
+        self.plan: BudgetPlan | None = None
+        self.cut_short = False
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.clock_start
+
+    def measure(self, steps_done: int) -> float | None:
+        """Seconds per step once the measuring window is complete, else None."""
+        if self.window_start is None:
+            if steps_done >= self.warmup_steps:
+                self.sync()
+                self.window_start = (steps_done, time.perf_counter())
+            return None
+        first, began = self.window_start
+        if steps_done - first < self.window_steps:
+            return None
+        self.sync()
+        seconds, steps = time.perf_counter() - began, steps_done - first
+        target = min(0.03 * self.budget_s, 15.0)
+        if seconds < target:  # too short to trust: extend the window to about `target`
+            self.window_steps = steps + max(1, math.ceil(steps * (target - seconds) / max(seconds, 1e-9)))
+            return None
+        return seconds / steps
+
+    def partial_rate(self, steps_done: int) -> float | None:
+        """Seconds per step of an unfinished window (an epoch ended first), if it has any steps."""
+        if self.window_start is None or steps_done <= self.window_start[0]:
+            return None
+        self.sync()
+        return (time.perf_counter() - self.window_start[1]) / (steps_done - self.window_start[0])
+
+    def out_of_time(self, reserve_s: float) -> bool:
+        """True when less than ``reserve_s`` (the final evaluation and save) is left: a safety net
+        when the measured rate did not hold (the schedule then ends early, marked cut short)."""
+        return self.elapsed() > self.budget_s - reserve_s

@@ -46,10 +46,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timm.layers import Attention, DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
+from timm.models.vision_transformer import Attention  # here in every timm 1.0.x (timm.layers only from 1.0.16)
 from torch import nn
 
 

@@ -98,7 +98,7 @@ def write_store(cfg: RunConfig) -> Path:
         barrier(env)
         records = np.memmap(tmp, dtype=manifest.dtype, mode="r+", shape=(n,))
         for first in range(start, stop, batch_size):
-            index = torch.arange(first, min(first + batch_size, stop))
+            index = torch.arange(first, min(first + batch_size, stop), device=views.images.device)
             probs = teacher_probs(teacher, views, index, epoch, manifest.temperature, env, precision)
             records[first : first + len(index)] = topk_records(probs, manifest.k, manifest.dtype)
             bar.update(1)
