@@ -9,10 +9,12 @@ the split is one array; same-sized images are kept as they are.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tarfile
 import zipfile
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -79,11 +81,15 @@ def list_split(split_dir: Path) -> tuple[list[str], list[str], list[int]]:
     return classes, files, labels
 
 
-def _decode(args: tuple[str, int | None]) -> np.ndarray:
+DECODE_CHUNK = 4096  # images handed to the worker pool at once (bounds the encoded bytes held)
+
+
+def _decode(args: tuple[str | bytes, int | None]) -> np.ndarray:
+    """One image (a file path or its encoded bytes) as ``[H, W, 3]`` uint8, at ``size`` if given."""
     from PIL import Image
 
     path, size = args
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
         img = img.convert("RGB")
         if size is not None:
             w, h = img.size
@@ -96,21 +102,29 @@ def _decode(args: tuple[str, int | None]) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-def decode_files(paths: list[str], size: int | None, out: Path, desc: str) -> None:
-    """Decode all ``paths`` into one ``[N, H, W, 3]`` array saved (atomically) at ``out``."""
+def decode_files(paths: Sequence[str | bytes], size: int | None, out: Path, desc: str, names: Sequence[str] | None = None) -> None:
+    """Decode all ``paths`` (file paths or encoded images; any sequence that slices, read
+    :data:`DECODE_CHUNK` at a time) into one ``[N, H, W, 3]`` array saved (atomically) at ``out``.
+    ``names`` name the images in errors (default: the paths)."""
+    names = paths if names is None else names
     first = _decode((paths[0], size))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}.npy")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *first.shape))
     workers = max(1, min(len(os.sched_getaffinity(0)), 16))
     chunksize = max(1, len(paths) // (workers * 16))
-    jobs = [(p, size) for p in paths]
     with ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 256 else _Inline() as pool:
-        for i, img in enumerate(progress(pool.map(_decode, jobs, chunksize=chunksize), total=len(paths), desc=desc)):
+
+        def decoded():
+            for start in range(0, len(paths), DECODE_CHUNK):
+                jobs = [(p, size) for p in paths[start : start + DECODE_CHUNK]]
+                yield from pool.map(_decode, jobs, chunksize=chunksize)
+
+        for i, img in enumerate(progress(decoded(), total=len(paths), desc=desc)):
             if img.shape != first.shape:
                 raise UserError(
-                    f"data: images have different sizes ({paths[i]} is {img.shape[1]}x{img.shape[0]}, "
-                    f"{paths[0]} is {first.shape[1]}x{first.shape[0]}); set data.source_size to decode them to one size"
+                    f"data: images have different sizes ({names[i]} is {img.shape[1]}x{img.shape[0]}, "
+                    f"{names[0]} is {first.shape[1]}x{first.shape[0]}); set data.source_size to decode them to one size"
                 )
             array[i] = img
     array.flush()
