@@ -23,6 +23,7 @@ from vitdistill.data import open_source
 from vitdistill.errors import UserError
 from vitdistill.export import OPSET, export_run, onnx_max_abs_diff
 from vitdistill.models import build_model, export_model, load_model
+from vitdistill.models.adapt import tiny_vit_windows
 
 onnx = pytest.importorskip("onnx")  # in the test extra; a plain install need not have it
 
@@ -145,15 +146,17 @@ print(type(model).__name__, sum(p.numel() for p in model.parameters()))
 
 
 @pytest.mark.parametrize(
-    "cfg, architecture, kind",
+    "cfg, architecture, kind, needs_vitdistill",
     [
-        (ModelConfig(name="resnet18", small_input_stem=True), "vitdistill_small_stem", "ResNet"),
-        (ModelConfig(name="lvvit_tiny", img_size=16, patch_size=4, kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}), "lvvit_tiny", "LVViT"),
+        (ModelConfig(name="resnet18", small_input_stem=True), "vitdistill_small_stem", "ResNet", True),
+        (ModelConfig(name="lvvit_tiny", img_size=16, patch_size=4, kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}), "lvvit_tiny", "LVViT", True),
+        (ModelConfig(name="tiny_vit_5m_224", img_size=16), "tiny_vit_5m_224", "TinyVit", False),
     ],
 )
-def test_models_that_need_import_vitdistill(cfg, architecture, kind, tmp_path):
-    """The small-stem teacher and LV-ViT load with timm once vitdistill is imported (and with a
-    clear 'Unknown model' from plain timm); LV-ViT's training-only aux_head stays behind."""
+def test_other_families_timm_and_onnx(cfg, architecture, kind, needs_vitdistill, tmp_path):
+    """The small-stem teacher and LV-ViT load with timm once vitdistill is imported (plain timm
+    says 'Unknown model'); LV-ViT's training-only aux_head stays behind; TinyViT's windows fitted
+    to small inputs travel in model_args (plain timm). ONNX Runtime agrees with PyTorch on each."""
     model, folder = _export_untrained(cfg, tmp_path / "run")
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == architecture
@@ -161,17 +164,24 @@ def test_models_that_need_import_vitdistill(cfg, architecture, kind, tmp_path):
         assert not any(k.startswith(("aux_head.", "_vitdistill.")) for k in f.keys())
     if kind == "LVViT":
         assert config["model_args"]["aux_head"] is False and config["pretrained_cfg"]["classifier"] == ["head"]
-    else:
+    elif kind == "ResNet":
         assert config["model_args"]["base"] == "resnet18"
+    else:
+        assert config["model_args"]["window_sizes"] == tiny_vit_windows(16) == [4, 2, 1, 1]  # fitted to 16x16
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         torch.save(model(x).head("mean"), tmp_path / "ref.pt")
     torch.save(x, tmp_path / "x.pt")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    done = run_python(WITH_VITDISTILL, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "ref.pt"), src)
-    assert done.returncode == 0, done.stderr[-2000:]
-    left_behind = model.backbone.aux_head.parameters() if kind == "LVViT" else []
-    expected = sum(p.numel() for p in model.backbone.parameters()) - sum(p.numel() for p in left_behind)
-    assert done.stdout.split() == [kind, str(expected)]
-    plain = run_python(PLAIN_TIMM, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "ref.pt"))
-    assert plain.returncode != 0 and f"Unknown model ({architecture})" in plain.stderr
+    inputs = (str(folder), str(tmp_path / "x.pt"), str(tmp_path / "ref.pt"))
+    plain = run_python(PLAIN_TIMM, *inputs)
+    if needs_vitdistill:
+        assert plain.returncode != 0 and f"Unknown model ({architecture})" in plain.stderr
+        done = run_python(WITH_VITDISTILL, *inputs, str(Path(__file__).resolve().parents[1] / "src"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        left_behind = model.backbone.aux_head.parameters() if kind == "LVViT" else []
+        expected = sum(p.numel() for p in model.backbone.parameters()) - sum(p.numel() for p in left_behind)
+        assert done.stdout.split() == [kind, str(expected)]
+    else:
+        assert plain.returncode == 0, plain.stderr[-2000:]
+    onnx_folder = export_run(tmp_path / "run", "onnx")
+    assert onnx_max_abs_diff(onnx_folder, model, x) <= 1e-4

@@ -32,8 +32,10 @@ class DataConfig:
 
     source: Literal["imagefolder", "cifar10", "cifar100", "digits", "hf"] = "imagefolder"
     root: str | None = None  # folder, or a .tar/.tar.gz/.zip of one (unpacked once into cache_dir); hf: a saved DatasetDict or parquet folder
-    image_column: str = "image"  # hf: the column of images (an Image feature)
-    label_column: str = "label"  # hf: the column of labels (ClassLabel names become the classes)
+    # hf: the columns of images (an Image feature) and labels (ClassLabel names become the classes);
+    # None means "image" / "label" (None, not the names, so that earlier runs still resume)
+    image_column: str | None = None
+    label_column: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
     train_limit: int | None = None  # use a class-balanced slice of this many images (quick runs)

@@ -8,9 +8,9 @@
   anywhere below the root (e.g. ``data/train-00000-of-00002.parquet``), or any ``*.parquet`` under
   a ``<split>/`` folder; read with ``Dataset.from_parquet`` (arrow cache under ``data.cache_dir``).
 
-``data.image_column`` must be an ``Image`` feature (its encoded bytes, or the files it points to,
+``data.image_column`` (default ``image``) must be an ``Image`` feature (its encoded bytes, or the files it points to,
 are decoded once into the same ``.npy`` cache as ImageFolder, with ``data.source_size`` for
-variable sizes). ``data.label_column`` gives the labels: class names come from its ``ClassLabel``
+variable sizes). ``data.label_column`` (default ``label``) gives the labels: class names come from its ``ClassLabel``
 feature; plain integers become classes ``"0".."max"``, strings their sorted set. Sample ``i`` is
 row ``i`` of the split (dataset order): its stable index.
 """
@@ -117,22 +117,23 @@ def open_hf(cfg: DataConfig, split: str, limit: int | None) -> ImageSource:
         raise UserError(f"data.root: {root} is not a folder (a saved DatasetDict or a folder of parquet files)")
     cache = cache_root(cfg)
     ds = load_split(root, split, cache)
-    for key, column in (("image_column", cfg.image_column), ("label_column", cfg.label_column)):
+    image_column, label_column = cfg.image_column or "image", cfg.label_column or "label"
+    for key, column in (("image_column", image_column), ("label_column", label_column)):
         if column not in ds.column_names:
             raise UserError(f"data.{key}: {root}/{split} has no column {column!r} (columns: {', '.join(ds.column_names)})")
-    if not isinstance(ds.features[cfg.image_column], datasets.Image):
-        raise UserError(f"data.image_column: {cfg.image_column!r} is {ds.features[cfg.image_column]}, not an Image feature")
+    if not isinstance(ds.features[image_column], datasets.Image):
+        raise UserError(f"data.image_column: {image_column!r} is {ds.features[image_column]}, not an Image feature")
     if len(ds) == 0:
         raise UserError(f"data: split {split!r} of {root} is empty")
-    classes, labels = _labels(ds, cfg.label_column)
+    classes, labels = _labels(ds, label_column)
     keep = limit_positions(labels, limit)
     labels = [labels[i] for i in keep]
     items_hash = hash_items([f"{i}\t{y}" for i, y in zip(keep, labels)])
     # The dataset's own fingerprint (datasets' cache key: its files and history) pins the content.
-    key = hash_items([items_hash, ds._fingerprint, str(cfg.source_size), str(root.resolve()), cfg.image_column])[:20]
+    key = hash_items([items_hash, ds._fingerprint, str(cfg.source_size), str(root.resolve()), image_column])[:20]
     array_path = cache / "decoded" / f"hf-{root.name}-{split}-{len(keep)}-{key}.npy"
     if not array_path.is_file():
-        images = EncodedImages(ds, cfg.image_column, keep)
+        images = EncodedImages(ds, image_column, keep)
         decode_files(images, cfg.source_size, array_path, desc=f"decoding {root.name}/{split}", names=[f"row {i}" for i in keep])
     images, memory_mapped = load_decoded(array_path)
     return ImageSource(
