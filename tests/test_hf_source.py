@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CACHE, tiny_run
+from conftest import tiny_run
 
 datasets = pytest.importorskip("datasets")  # in the test extra
 
-from vitdistill import load_recipe, train  # noqa: E402
 from vitdistill.cli import main  # noqa: E402
 from vitdistill.config import DataConfig  # noqa: E402
 from vitdistill.data import open_source  # noqa: E402
