@@ -131,6 +131,9 @@ def train(cfg: RunConfig, resume: bool = False) -> RunResult:
     wall = time.perf_counter() - start
     if env.is_main:
         write_summary(cfg, output, history, wall, skipped_files(source, trainer.eval_views.source), budget_report(trainer, wall))
+        from .analysis.curves import write_run_curves  # (the analysis package imports the runner)
+
+        write_run_curves(output, history, cfg.name)  # curves.png
     parameters = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunResult(output=output, history=history, wall_time_s=wall, parameters=parameters)
 

@@ -46,8 +46,12 @@ def _join(prefix: str, name: str) -> str:
 class DataConfig:
     """Where images come from. See :mod:`vitdistill.data.sources`."""
 
-    source: Literal["imagefolder", "cifar10", "cifar100", "digits"] = "imagefolder"
-    root: str | None = None  # folder, or a .tar/.tar.gz/.zip of one (unpacked once into cache_dir)
+    source: Literal["imagefolder", "cifar10", "cifar100", "digits", "hf"] = "imagefolder"
+    root: str | None = None  # folder, or a .tar/.tar.gz/.zip of one (unpacked once into cache_dir); hf: a saved DatasetDict or parquet folder
+    # hf: the columns of images (an Image feature) and labels (ClassLabel names become the classes);
+    # None means "image" / "label" (None, not the names, so that earlier runs still resume)
+    image_column: str | None = None
+    label_column: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
     train_limit: int | None = None  # use a class-balanced slice of this many images (quick runs)
@@ -71,6 +75,8 @@ class DataConfig:
         _check(all(s > 0 for s in self.std), _join(key, "std"), "must be positive")
         if self.source == "imagefolder":
             _check(self.root is not None, _join(key, "root"), "imagefolder needs a root folder or archive")
+        if self.source == "hf":
+            _check(self.root is not None, _join(key, "root"), "hf needs a root: a dataset saved with save_to_disk, or a folder of parquet files")
 
 
 @dataclass

@@ -14,12 +14,14 @@ a failure.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -109,15 +111,19 @@ def files_signature(split_dir: Path, files: list[str]) -> str:
     return hash_items(lines)
 
 
-def _decode(args: tuple[str, int | None]) -> tuple[np.ndarray | None, str | None]:
-    """The decoded image, or None and what went wrong (Pillow raises many exception types for
-    damaged files -- OSError, SyntaxError, ValueError, DecompressionBombError -- so all are
-    caught here and reported with the file's name by the caller)."""
+DECODE_CHUNK = 4096  # images handed to the worker pool at once (bounds the encoded bytes held)
+
+
+def _decode(args: tuple[str | bytes, int | None]) -> tuple[np.ndarray | None, str | None]:
+    """One image (a file path or its encoded bytes) as ``[H, W, 3]`` uint8 at ``size`` if given,
+    or None and what went wrong. Pillow raises many exception types for damaged files --
+    OSError, SyntaxError, ValueError, DecompressionBombError -- so all are caught here and
+    reported with the image's name by the caller."""
     from PIL import Image
 
     path, size = args
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
             img = img.convert("RGB")
             if size is not None:
                 w, h = img.size
@@ -133,31 +139,40 @@ def _decode(args: tuple[str, int | None]) -> tuple[np.ndarray | None, str | None
 
 
 def skipped_path(out: Path) -> Path:
-    """The list of files a decoded array left out (beside it)."""
+    """The list of images a decoded array left out (beside it)."""
     return out.with_name(out.name.removesuffix(".npy") + ".skipped.json")
 
 
-def decode_files(paths: list[str], size: int | None, out: Path, desc: str, on_corrupt: str = "error") -> list[int]:
-    """Decode all ``paths`` into one ``[N, H, W, 3]`` array saved (atomically) at ``out``.
+def decode_files(paths: Sequence[str | bytes], size: int | None, out: Path, desc: str, on_corrupt: str = "error",
+                 names: Sequence[str] | None = None) -> list[int]:
+    """Decode all ``paths`` (file paths or encoded images; any sequence that slices, read
+    :data:`DECODE_CHUNK` at a time) into one ``[N, H, W, 3]`` array saved (atomically) at ``out``.
 
-    An undecodable file is an error naming it (``on_corrupt='error'``) or is left out
-    (``'skip'``: the array holds the others, in order; their positions are returned and
-    recorded beside the array). Temporary files are removed on every failure.
+    An undecodable image is an error naming it (``names[i]``, default the path;
+    ``on_corrupt='error'``) or is left out (``'skip'``: the array holds the others, in order;
+    their names are recorded beside the array and their positions returned). Temporary files
+    are removed on every failure.
     """
+    names = paths if names is None else names
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}.npy")
     compact = out.with_name(out.name + f".tmp{os.getpid()}c.npy")
     workers = max(1, min(len(os.sched_getaffinity(0)), 16))
-    chunksize = max(1, len(paths) // (workers * 16))
-    jobs = [(p, size) for p in paths]
+    chunksize = max(1, min(len(paths), DECODE_CHUNK) // (workers * 16))
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 256 else _Inline()
+
+    def decoded():
+        for start in range(0, len(paths), DECODE_CHUNK):
+            jobs = [(p, size) for p in paths[start : start + DECODE_CHUNK]]
+            yield from pool.map(_decode, jobs, chunksize=chunksize)
+
     bad: list[int] = []
     array, shape, kept = None, None, 0
     try:
-        for i, (img, error) in enumerate(progress(pool.map(_decode, jobs, chunksize=chunksize), total=len(paths), desc=desc)):
+        for i, (img, error) in enumerate(progress(decoded(), total=len(paths), desc=desc)):
             if error is not None:
                 if on_corrupt == "error":
-                    raise UserError(f"data: cannot decode {paths[i]} ({error}); replace or delete it, or set data.on_corrupt=skip to leave it out")
+                    raise UserError(f"data: cannot decode {names[i]} ({error}); replace or delete it, or set data.on_corrupt=skip to leave it out")
                 bad.append(i)
                 continue
             if array is None:
@@ -165,13 +180,13 @@ def decode_files(paths: list[str], size: int | None, out: Path, desc: str, on_co
                 array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *shape))
             if img.shape != shape:
                 raise UserError(
-                    f"data: images have different sizes ({paths[i]} is {img.shape[1]}x{img.shape[0]}, "
+                    f"data: images have different sizes ({names[i]} is {img.shape[1]}x{img.shape[0]}, "
                     f"the first is {shape[1]}x{shape[0]}); set data.source_size to decode them to one size"
                 )
             array[kept] = img
             kept += 1
         if array is None:
-            raise UserError(f"data: none of the {len(paths):,} images could be decoded (e.g. {paths[bad[0]]})")
+            raise UserError(f"data: none of the {len(paths):,} images could be decoded (e.g. {names[bad[0]]})")
         array.flush()
         if bad:  # keep the decoded images only: a copy into an array of the right length
             final = np.lib.format.open_memmap(compact, mode="w+", dtype=np.uint8, shape=(kept, *shape))
@@ -181,7 +196,7 @@ def decode_files(paths: list[str], size: int | None, out: Path, desc: str, on_co
             del final
             os.replace(compact, tmp)
         del array
-        skipped_path(out).write_text(json.dumps({"corrupt": [paths[i] for i in bad]}))
+        skipped_path(out).write_text(json.dumps({"corrupt": [str(names[i]) for i in bad]}))
         os.replace(tmp, out)
     finally:
         if isinstance(pool, ProcessPoolExecutor):
@@ -189,6 +204,19 @@ def decode_files(paths: list[str], size: int | None, out: Path, desc: str, on_co
         tmp.unlink(missing_ok=True)
         compact.unlink(missing_ok=True)
     return bad
+
+
+def read_skipped(array_path: Path) -> list[str]:
+    """The undecodable images a cached array left out (an older cache without the list: none)."""
+    path = skipped_path(array_path)
+    return json.loads(path.read_text()).get("corrupt", []) if path.is_file() else []
+
+
+def check_skipped(corrupt: list[str], on_corrupt: str) -> None:
+    """A cached result with left-out images does not hide them from a run that wants all."""
+    if corrupt and on_corrupt == "error":
+        more = f" and {len(corrupt) - 1:,} more" if len(corrupt) > 1 else ""
+        raise UserError(f"data: cannot decode {corrupt[0]}{more}; replace or delete them, or set data.on_corrupt=skip to leave them out")
 
 
 def ram_budget() -> int:
@@ -245,9 +273,7 @@ def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSou
     if not array_path.is_file():
         decode_files(paths, cfg.source_size, array_path, f"decoding {split_dir.parent.name}/{split}", cfg.on_corrupt)
     corrupt = read_skipped(array_path)
-    if corrupt and cfg.on_corrupt == "error":
-        more = f" and {len(corrupt) - 1:,} more files" if len(corrupt) > 1 else ""
-        raise UserError(f"data: cannot decode {corrupt[0]}{more}; replace or delete them, or set data.on_corrupt=skip to leave them out")
+    check_skipped(corrupt, cfg.on_corrupt)
     if corrupt:
         left_out = set(corrupt)
         kept = [i for i, p in enumerate(paths) if p not in left_out]
@@ -266,8 +292,3 @@ def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSou
         skipped=skipped,
     )
 
-
-def read_skipped(array_path: Path) -> list[str]:
-    """The undecodable files a cached array left out (an older cache without the list: none)."""
-    path = skipped_path(array_path)
-    return json.loads(path.read_text()).get("corrupt", []) if path.is_file() else []

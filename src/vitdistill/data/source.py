@@ -1,8 +1,8 @@
 """A split of a dataset, decoded once into uint8 arrays; sample ``i`` has stable index ``i``.
 
 The index is the sample's position in the split's sorted file list (ImageFolder) or in the
-dataset's own order (CIFAR, digits), never a position in a shuffled order: replayable views,
-teacher stores and label maps are keyed by it.
+dataset's own order (CIFAR, digits, Hugging Face datasets), never a position in a shuffled
+order: replayable views, teacher stores and label maps are keyed by it.
 """
 
 from __future__ import annotations
@@ -93,6 +93,10 @@ def open_source(cfg: DataConfig, split: str, limit: int | None = None) -> ImageS
         from .imagefolder import open_imagefolder
 
         return open_imagefolder(cfg, split, limit)
+    if cfg.source == "hf":
+        from .hf import open_hf
+
+        return open_hf(cfg, split, limit)
     if cfg.source == "digits":
         from .builtin import open_digits
 

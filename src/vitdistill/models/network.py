@@ -29,7 +29,7 @@ from ..errors import ConfigError, UserError, short_reason
 from . import convnet, lvvit  # noqa: F401  (register our CNNs and LV-ViT in timm)
 from .adapt import adapt_kwargs
 from .output import ModelOutput, TokenMix
-from .stems import use_small_input_stem
+from .stems import SMALL_STEM
 
 SPEC_KEY = "vitdistill"
 EXTRA_PREFIX = "_vitdistill."  # keys of weights that are not the timm model's (e.g. our token head)
@@ -94,14 +94,14 @@ class VisionModel(nn.Module):
         self.capture_blocks: tuple[int, ...] = ()
         self.bn_frozen = False
         self.token_head = None
-        if spec.token_head and not hasattr(backbone, "aux_head"):
+        if spec.token_head and getattr(backbone, "aux_head", None) is None:
             if not self.is_vit:
                 raise UserError(f"model.token_head: {spec.name} has no patch tokens")
             self.token_head = nn.Linear(backbone.num_features, spec.num_classes)
 
     @property
     def has_token_logits(self) -> bool:
-        return self.token_head is not None or hasattr(self.backbone, "aux_head")
+        return self.token_head is not None or getattr(self.backbone, "aux_head", None) is not None
 
     def capture(self, blocks: set[int]) -> None:
         """Also return the patch tokens output by these blocks (negative: from the end)."""
@@ -122,9 +122,12 @@ class VisionModel(nn.Module):
         ``forward_features`` when nothing is mixed."""
         net = self.backbone
         t = net.patch_embed(x)
-        if t.dim() == 4:  # NHWC patch grids (dynamic_img_size models)
+        if t.dim() == 4:  # NHWC patch grids (dynamic_img_size models): mix in raster order, keep the grid
+            grid = t
             t = t.flatten(1, 2)
-        t = torch.where(mix.mask[..., None], t[mix.partner], t)
+            t = torch.where(mix.mask[..., None], t[mix.partner], t).view_as(grid)
+        else:
+            t = torch.where(mix.mask[..., None], t[mix.partner], t)
         t = net._pos_embed(t)
         t = getattr(net, "patch_drop", nn.Identity())(t)
         t = getattr(net, "norm_pre", nn.Identity())(t)
@@ -211,13 +214,13 @@ def create_backbone(spec: ModelSpec, drop_path: float = 0.0) -> nn.Module:
         kwargs["drop_path_rate"] = drop_path
     if not timm.is_model(spec.name):
         raise UserError(f"model: unknown timm model {spec.name!r} (see timm.list_models())")
+    name = spec.name
+    if spec.small_input_stem:  # the base model with our stem, registered in timm (same weight names)
+        name, kwargs = SMALL_STEM, {"base": spec.name, **kwargs}
     try:
-        model = timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes, **kwargs)
+        return timm.create_model(name, pretrained=False, num_classes=spec.num_classes, **kwargs)
     except TypeError as err:
         raise UserError(f"model: {spec.name} rejected its arguments {sorted(kwargs)}: {err}") from None
-    if spec.small_input_stem:
-        use_small_input_stem(model, spec.name)
-    return model
 
 
 def fixed_input_size(backbone: nn.Module) -> tuple[int, int] | None:
