@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from vitdistill import load_recipe
+from vitdistill.bench.transfers import HostDeviceCopies
 from vitdistill.data import train_batches
 from vitdistill.engine.distributed import DistEnv
 from vitdistill.labelmaps import write_label_maps
@@ -24,26 +23,6 @@ from conftest import TINY_DEIT, tiny_run
 
 META = torch.device("meta")
 VIEWS = ["augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", "augment.rand_augment=rand-m9-mstd0.5-inc1", "augment.erase_prob=0.25"]
-
-
-class HostDeviceCopies(TorchDispatchMode):
-    """Operators that read a host tensor (not a 0-d scalar, which kernels take by value) into a
-    device result, or read a device value back to the host (``.item()``, ``.cpu()``...)."""
-
-    def __init__(self):
-        super().__init__()
-        self.to_device: list[str] = []
-        self.to_host: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if any(t.device.type == "cpu" and t.dim() > 0 for t in inputs) and any(t.device == META for t in outputs):
-            self.to_device.append(str(func))
-        if any(t.device == META for t in inputs) and (func is torch.ops.aten._local_scalar_dense.default or any(t.device.type == "cpu" for t in outputs)):
-            self.to_host.append(str(func))
-        return out
 
 
 def copies_in_steps(cfg, steps: int = 2) -> HostDeviceCopies:

@@ -103,6 +103,18 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
     run(args.regimes, data, Path(args.cache), args.batch_size, args.workers, args.warmup, args.steps, args.compile, args.device, args.json, **overrides)
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from .bench.gpu import run_bench_gpu
+    from .config.parsing import parse_duration
+
+    report = run_bench_gpu(args.data, parse_duration(args.budget, "--budget"), args.output, args.json, args.smoke, args.device, args.compile,
+                           args.seed, args.stages)
+    failed = [name for name, stage in report["stages"].items() if stage.get("status") == "failed"]
+    if failed:
+        print(f"vitdistill: bench gpu: stages failed: {', '.join(failed)} (details in the JSON report)", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> None:
     from .analysis import analyze
 
@@ -281,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="draw their curves (loss, top-1, lr per epoch) on shared axes")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     p.set_defaults(fn=cmd_compare)
+
+    p = bench.add_parser("gpu", help="every headline figure in one command that stops on time: throughput, teacher, students (budgeted)")
+    p.add_argument("--data", help="CIFAR-10 ImageFolder folder or archive (not needed with --smoke)")
+    p.add_argument("--budget", default="9m", help="total time, e.g. 9m (default), 540s")
+    p.add_argument("--output", default="runs/bench-gpu", help="folder for the runs and the report")
+    p.add_argument("--json", help="the report (default <output>/gpu.json; a Markdown table is written beside it)")
+    p.add_argument("--smoke", action="store_true", help="the same stages at toy scale on the CPU (digits, tiny models)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", choices=["", "augment", "model", "both"], default="both", help="torch.compile the views and/or the students")
+    p.add_argument("--stages", nargs="+", help="run only these stages (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_bench_gpu)
 
     p = sub.add_parser("recipes", help="list the packaged recipes")
     p.set_defaults(fn=cmd_recipes)

@@ -35,7 +35,7 @@ def rrc_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, h
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     x1 = torch.floor(u[..., 2] * (width - w + 1))
     y1 = torch.floor(u[..., 3] * (height - h + 1))
-    first = first_true(ok)
+    first, found = first_true(ok)
     pick = lambda t: torch.gather(t, 1, first).squeeze(1)  # noqa: E731
     w, h, x1, y1 = pick(w), pick(h), pick(x1), pick(y1)
     # Fallback (no try fitted): the largest centred crop with the aspect clamped to `ratio`.
@@ -46,7 +46,6 @@ def rrc_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, h
         fw, fh = round(height * ratio[1]), height
     else:
         fw, fh = width, height
-    found = ok.any(dim=1)
     w = torch.where(found, w, torch.full_like(w, fw))
     h = torch.where(found, h, torch.full_like(h, fh))
     x1 = torch.where(found, x1, torch.full_like(x1, (width - fw) // 2))
@@ -54,13 +53,17 @@ def rrc_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, h
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1).to(torch.float32)
 
 
-def first_true(mask: torch.Tensor) -> torch.Tensor:
-    """``[B, 1]``: the position of the first True of each row of ``[B, T]`` (any position when
-    none). Written as the argmax of distinct scores: argmax's "first of equal maxima" holds in
-    eager mode but not in compiled code (inductor returned other tries for ~1% of samples)."""
+def first_true(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, 1], [B])``: the position of the first True of each row of ``[B, T]`` (the last
+    position when none) and whether the row has one: the count of leading Falses.
+
+    Not ``argmax``: its "first of equal maxima" is eager behaviour that compiled code did not
+    keep (torch 2.11 picked other tries for ~1% of samples), and reductions such as ``max(dim)``
+    or a second ``any`` over the same mask broke or miscompiled inductor (torch 2.5, 2.11).
+    A cumulative sum and a sum compile alike everywhere."""
     tries = mask.shape[1]
-    score = mask.to(torch.int64) * (tries - torch.arange(tries, device=mask.device))
-    return torch.argmax(score, dim=1, keepdim=True)
+    leading = (mask.to(torch.int32).cumsum(dim=1) == 0).to(torch.int32).sum(dim=1)
+    return leading.clamp(max=tries - 1).to(torch.int64)[:, None], leading < tries
 
 
 def pad_crop_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: int, width: int, pad: int) -> torch.Tensor:

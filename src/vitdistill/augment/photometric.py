@@ -59,10 +59,10 @@ def erase_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor,
     fits = (w < width) & (h < height)
     y1 = torch.floor(t[..., 2] * (height - h + 1))
     x1 = torch.floor(t[..., 3] * (width - w + 1))
-    first = first_true(fits)
+    first, any_fits = first_true(fits)
     pick = lambda v: torch.gather(v, 1, first).squeeze(1)  # noqa: E731
     boxes = torch.stack([pick(x1), pick(y1), pick(x1 + w), pick(y1 + h)], dim=1).to(torch.float32)
-    keep = apply & fits.any(dim=1)
+    keep = apply & any_fits
     return torch.where(keep[:, None], boxes, torch.zeros_like(boxes))
 
 

@@ -269,7 +269,10 @@ def measure_cpu_loader(trainer, split_dir: Path, regime: Regime, workers: int, w
 
 
 def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: int | None, workers: int, warmup: int, steps: int,
-               compile_model: str, device: str, student: str | None = None, teacher: str | None = None, synthetic_images: int = 2000) -> dict:
+               compile_model: str, device: str, student: str | None = None, teacher: str | None = None, synthetic_images: int = 2000,
+               deadline: float | None = None) -> dict:
+    """Every variant of one regime; a variant that fails reports its error, and variants that
+    would start after ``deadline`` (``time.perf_counter()``) are skipped."""
     from ..data.imagefolder import resolve_split_dir, unpack_archive
     from ..runner import build_trainer  # late: the runner imports most of the package
 
@@ -289,6 +292,10 @@ def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: i
 
     def guarded(key: str, measure) -> None:
         """One variant: its images/s, or its error (one failing variant never loses the others)."""
+        if deadline is not None and time.perf_counter() > deadline:
+            results[key] = None
+            results["errors"][key] = "skipped: the time for this benchmark was spent"
+            return
         try:
             results[key] = measure()
         except Exception as err:  # noqa: BLE001 - reported in the results, the other variants go on

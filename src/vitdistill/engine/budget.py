@@ -70,11 +70,14 @@ def plan_steps(
         )
 
     available = budget_s - elapsed_s - reserve_s
-    total = min(max_steps, steps_done + max(0, int(available / max(step_s, 1e-9))))
-    while total > steps_done and cost(total) > available:  # evaluations and checkpoints take their share
-        over = cost(total) - available
-        total = max(steps_done, total - max(1, int(over / max(step_s, 1e-9))))
-    total = max(total, steps_done, 1)
+    low, high = steps_done, max(steps_done, min(max_steps, steps_done + max(0, int(available / max(step_s, 1e-9)))))
+    while low < high:  # the cost grows with the total: binary search for the largest that fits
+        mid = (low + high + 1) // 2
+        if cost(mid) <= available:
+            low = mid
+        else:
+            high = mid - 1
+    total = max(low, 1)
     epochs = math.ceil(total / steps_per_epoch)
     return BudgetPlan(
         budget_s=budget_s,

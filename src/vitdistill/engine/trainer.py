@@ -157,9 +157,13 @@ class Trainer:
                     bar.write(epoch_line(row, self.epochs))
                 barrier(env)
                 if self.budget is not None and self.budget.plan is None and not last:
-                    # the first epoch ended before the measuring window: plan from what it saw
+                    # the first epoch ended before the measuring window: plan from what it saw,
+                    # and save the plan with the epoch (a resumed run must keep it)
                     step_s = self.budget.partial_rate((epoch + 1) * self.steps) or row["train_time_s"] / max(self.steps, 1)
                     self.make_plan((epoch + 1) * self.steps, step_s, bar)
+                    if env.is_main:
+                        save_atomic(self.state_dict(epoch + 1), self.output / "checkpoint.pt")
+                    barrier(env)
                 epoch += 1
         finally:
             bar.close()

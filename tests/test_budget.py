@@ -1,0 +1,110 @@
+"""Time-budgeted training and `vitdistill bench gpu --smoke` (the GPU evidence command at toy scale)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vitdistill import ConfigError, load_recipe, train
+from vitdistill.cli import main
+from vitdistill.config import OptimConfig
+from vitdistill.config.parsing import parse_duration
+from vitdistill.engine import trainer as trainer_module
+from vitdistill.engine.budget import evaluations_after, plan_steps
+from vitdistill.engine.optim import build_scheduler
+
+from conftest import tiny_run
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("8m", 480), ("1.5m", 90), ("1h30m", 5400), (45, 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_bad_budget_is_one_line_naming_the_key():
+    with pytest.raises(ConfigError, match="optim.budget: expected a duration"):
+        load_recipe("demo_teacher", ["optim.budget=8 minutes"])
+
+
+def test_the_plan_is_the_largest_schedule_that_fits():
+    kwargs = dict(budget_s=100.0, elapsed_s=10.0, steps_done=20, step_s=0.05, eval_s=2.0, checkpoint_s=0.5, steps_per_epoch=100, eval_every=1)
+    plan = plan_steps(**kwargs, max_steps=10**6)
+
+    def cost(total):  # training + evaluations + checkpoints still to come, by hand
+        epochs = -(-total // 100)
+        return (total - 20) * 0.05 + epochs * 2.0 + epochs * 0.5
+
+    assert cost(plan.total_steps) <= 90.0 < cost(plan.total_steps + 1)
+    assert plan.planned_end_s == pytest.approx(10.0 + cost(plan.total_steps))
+    assert plan.epochs == -(-plan.total_steps // 100) and plan.evaluations == plan.epochs and not plan.capped_by_epochs
+    capped = plan_steps(**kwargs, max_steps=300)
+    assert capped.total_steps == 300 and capped.capped_by_epochs
+    late = plan_steps(**{**kwargs, "elapsed_s": 150.0}, max_steps=10**6)
+    assert late.total_steps == 20  # the budget is spent: stop where we are
+    assert evaluations_after(0, 250, 100, eval_every=2) == 2  # epoch 2 and the last (3)
+
+
+def test_a_compressed_schedule_keeps_the_recipe_shape():
+    cfg = OptimConfig(epochs=10, warmup_epochs=2, lr=1e-3, lr_base_batch=None, min_lr=1e-5, warmup_lr=1e-6)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    full = build_scheduler(opt, cfg, steps_per_epoch=50)
+    assert full.warmup_t == 100 and full.t_initial == 400  # unchanged without a budget
+    short = build_scheduler(opt, cfg, steps_per_epoch=50, total_steps=120)
+    assert short.warmup_t == 24 and short.t_initial == 96  # warmup: 2/10 of the schedule
+    lrs = []
+    for step in (0, 24, 120):
+        short.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-6) and lrs[1] == pytest.approx(1e-3) and lrs[2] == pytest.approx(1e-5)
+
+
+def test_a_budgeted_run_plans_once_and_a_resumed_run_keeps_its_plan(tmp_path, monkeypatch):
+    overrides = tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny", "optim.epochs=400", "optim.budget=12s")
+    original = trainer_module.Trainer.train_epoch
+    calls = {"n": 0}
+
+    def stop_in_second_epoch(self, epoch, bar):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch, bar)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", stop_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_recipe("demo_teacher", overrides))
+    plan = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["budget_plan"]
+    assert plan["budget_s"] == 12.0 and plan["total_steps"] > 8 and plan["planned_at_step"] == 8  # planned after epoch 1 (8 steps)
+    monkeypatch.undo()
+    resumed = train(load_recipe("demo_teacher", overrides), resume=True)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["budget"]["total_steps"] == plan["total_steps"]  # the same schedule, not a new plan
+    assert len(resumed.history) == -(-plan["total_steps"] // 8)  # 256 images / batch 32: 8 steps an epoch
+
+
+def test_bench_gpu_smoke_reports_every_stage_and_each_ends_on_time(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "gpu", "--smoke", "--budget", "2m", "--output", str(out)])
+    report = json.loads((out / "gpu.json").read_text())
+    assert code == 0, {k: v.get("error") for k, v in report["stages"].items()}
+    assert report["format"] == "vitdistill-bench-gpu/1" and report["smoke"] and report["budget_s"] == 120
+    assert {"device", "torch", "timm", "cuda", "python"} <= set(report["machine"])
+    assert list(report["stages"]) == ["throughput", "teacher", "distilled", "baseline", "store", "token_label"]
+    assert all(stage["status"] == "done" for stage in report["stages"].values()), report["stages"]
+    throughput = report["stages"]["throughput"]["result"]
+    assert not throughput["errors"] and all(throughput[k] > 0 for k in ("a_bare_img_s", "b_pipeline_img_s", "c_pipeline_teacher_img_s",
+                                                                          "d_loader_img_s", "d_loader_teacher_img_s", "e_pipeline_store_img_s"))
+    for name in ("teacher", "distilled", "baseline"):
+        stage = report["stages"][name]
+        assert stage["on_time"] and abs(stage["run_s"] - stage["budget_s"]) <= 0.15 * stage["budget_s"], (name, stage["run_s"], stage["budget_s"])
+        assert 0 <= stage["top1_last"] <= 100 and stage["train_img_per_s"] > 0 and stage["command"].startswith("vitdistill train ")
+    assert report["stages"]["distilled"]["budget_s"] == report["stages"]["baseline"]["budget_s"]  # equal budgets
+    assert report["stages"]["teacher"]["top1_last"] > 30.0  # chance is 10%
+    assert report["sync_check"]["synchronising_calls"] == 0
+    assert report["total_s"] <= 1.15 * 120
+    table = (out / "gpu.md").read_text()
+    assert "| distilled: DeiT-Ti/4, hard distillation" in table and "Synchronising calls in 5 training steps" in table
+    capsys.readouterr()
+    assert main(["bench", "gpu", "--smoke", "--budget", "2m", "--output", str(out)]) == 0  # again: finished stages are kept
+    assert capsys.readouterr().out.count("done in an earlier run, kept") == 6
