@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from timm.models import register_model
+from timm.models._features import feature_take_indices
 
 
 def _stage(cin: int, cout: int, depth: int) -> nn.Sequential:
@@ -32,12 +33,39 @@ class ConvNet(nn.Module):
             cin = width
         self.features = nn.Sequential(*stages)
         self.num_features = cin
+        # timm's feature API: one entry per stage (the output of its last conv-BN-ReLU)
+        self.feature_info = [dict(num_chs=w, reduction=2**i, module=f"features.{2 * i}") for i, w in enumerate(widths)]
         self.num_classes = num_classes
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(cin, num_classes) if num_classes else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's ``forward_intermediates``: the outputs of the stages in ``indices`` (an int: the
+        last n; negative indices count from the end) and, unless ``intermediates_only``, the final
+        features (what ``forward_head`` takes)."""
+        if output_fmt != "NCHW":
+            raise ValueError("ConvNet gives NCHW feature maps only")
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        intermediates = []
+        stage = 0
+        for module in self.features:
+            x = module(x)
+            if not isinstance(module, nn.MaxPool2d):
+                if stage in take:
+                    intermediates.append(x)
+                stage += 1
+        return intermediates if intermediates_only else (x, intermediates)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.drop(x.mean(dim=(2, 3)))
