@@ -280,16 +280,17 @@ def classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path | dict, key: str, missing_ok: set[str] = frozenset()) -> None:
     state = read_state_dict(path, key) if not isinstance(path, dict) else path
+    source = "the state dict" if isinstance(path, dict) else path  # what the errors name
     state = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
     try:
         result = backbone.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches, e.g. another class count
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
-        raise UserError(f"{key}: {path} does not fit the model ({detail})") from None
+        raise UserError(f"{key}: {source} does not fit the model ({detail})") from None
     missing = [k for k in result.missing_keys if k not in missing_ok]
     if missing or result.unexpected_keys:
         missing, unexpected = missing[:3], result.unexpected_keys[:3]
-        raise UserError(f"{key}: {path} does not fit the model (missing {missing}, unexpected {unexpected})")
+        raise UserError(f"{key}: {source} does not fit the model (missing {missing}, unexpected {unexpected})")
 
 
 def export_model(model: VisionModel, path: str | Path) -> None:
