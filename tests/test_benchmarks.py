@@ -57,10 +57,10 @@ def test_feature_distillation_digits_script(tmp_path, monkeypatch, capsys):
     from conftest import CACHE
 
     shrink = ["optim.epochs=1", "data.train_limit=128", "data.eval_limit=64", "optim.batch_size=32", f"data.cache_dir={CACHE}"]
-    argv = ["fd_digits.py", "--seeds", "0", "1", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--output", str(tmp_path / "runs"),
+    argv = ["fd_seeds.py", "--seeds", "0", "1", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--output", str(tmp_path / "runs"),
             "--analysis-images", "16", "--json", str(tmp_path / "fd.json"), *shrink]
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(ROOT / "benchmarks" / "fd_digits.py"), run_name="__main__")
+    runpy.run_path(str(ROOT / "benchmarks" / "fd_seeds.py"), run_name="__main__")
     runs = json.loads((tmp_path / "fd.json").read_text())["runs"]
     assert [r["seed"] for r in runs] == [0, 1] and all(0 <= r["fd"] <= 100 and 0 <= r["baseline"] <= 100 for r in runs)
     summary = json.loads((tmp_path / "runs" / "baseline-s0" / "summary.json").read_text())
