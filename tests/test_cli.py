@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import yaml
+
 from vitdistill.cli import main
 from vitdistill.demo import run_demo
 
@@ -44,12 +46,16 @@ def test_eval_rejects_data_with_other_classes(tmp_path, capsys):
 
 
 def test_demo_runs_all_three_stages(tmp_path):
-    shrink = ("optim.epochs=1", "data.train_limit=128", "data.eval_limit=64")
+    shrink = ("optim.epochs=2", "data.train_limit=256", "data.eval_limit=64")
     result = run_demo(tmp_path / "demo", shrink)
     assert set(result["runs"]) == {"teacher", "student", "distilled"}
     assert result["runs"]["distilled"]["model"] == "deit_tiny_distilled_patch16_224"
-    for run in result["runs"].values():
-        assert 0 <= run["top1"] <= 100 and run["parameters"] > 0
+    for name, run in result["runs"].items():
+        losses = [float(row["train_loss"]) for row in csv.DictReader(open(tmp_path / "demo" / name / "metrics.csv"))]
+        assert losses[1] < losses[0], name  # every stage learns
+        assert run["top1"] == float(list(csv.DictReader(open(tmp_path / "demo" / name / "metrics.csv")))[-1]["eval_top1"])
+    distilled = yaml.safe_load((tmp_path / "demo" / "distilled" / "config.yaml").read_text())
+    assert distilled["teacher"]["checkpoint"] == str((tmp_path / "demo" / "teacher" / "model.safetensors").resolve())  # stage 3 learns from stage 1
     assert result["distillation_gain"] == result["runs"]["distilled"]["top1"] - result["runs"]["student"]["top1"]
     run_demo(tmp_path / "demo", shrink)  # a second demo in the same folder starts afresh
 

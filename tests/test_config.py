@@ -87,3 +87,34 @@ def test_cli_reports_one_line_and_exit_code_2(capsys):
 def test_cli_rejects_a_stray_argument(capsys):
     assert main(["config", "demo_teacher", "oops"]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+HARD_DISTILLATION = [  # DeiT: 1/2 CE(class head, y) + 1/2 CE(distillation head, argmax Z_t)
+    {"term": "ce", "weight": 0.5, "head": "cls", "smoothing": 0.1},
+    {"term": "kd_hard", "weight": 0.5, "head": "dist", "smoothing": 0.0},
+]
+PINNED_OBJECTIVES = {
+    "deit_tiny_distilled_cifar10": HARD_DISTILLATION,
+    "deit_tiny_store_cifar10": HARD_DISTILLATION,
+    "demo_student_distilled": HARD_DISTILLATION,
+    "deit_tiny_soft_cifar10": [  # (1 - lambda) CE + lambda tau^2 KL, lambda 1/2, tau 3
+        {"term": "ce", "weight": 0.5, "head": "cls", "smoothing": 0.1},
+        {"term": "kd_soft", "weight": 0.5, "head": "dist", "tau": 3.0, "normalization": "batchmean"},
+    ],
+    "tiny_vit_5m_store_cifar10": [{"term": "kd_soft", "weight": 1.0, "head": "auto", "tau": 1.0, "normalization": "batchmean"}],  # label-free
+    "deit_tiny_token_label_cifar10": [
+        {"term": "token_label", "weight": 1.0, "head": "auto", "beta": 0.5, "cls_target": "label", "cls_mix": 0.5, "smoothing": 0.1, "mixtoken": True}
+    ],
+    "deit_tiny_diverse_cifar10": [
+        {"term": "ce", "weight": 1.0, "head": "auto", "smoothing": 0.1},
+        {"term": "patch_cosine", "weight": 0.1, "head": "auto", "absolute": True},
+        {"term": "patch_contrast", "weight": 0.1, "head": "auto", "tau": 1.0, "detach_first": True},
+        {"term": "patch_mix", "weight": 0.1, "head": "auto", "smoothing": 0.0},
+    ],
+    "demo_student": [{"term": "ce", "weight": 1.0, "head": "auto", "smoothing": 0.1}],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_OBJECTIVES))
+def test_packaged_objectives_are_the_methods_equations(name):
+    assert load_recipe(name).objective == PINNED_OBJECTIVES[name]

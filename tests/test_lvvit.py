@@ -90,9 +90,9 @@ def test_patch_size_and_input_size_are_checked():
         with pytest.raises(ValueError, match="patch_size must be an even number"):
             timm.create_model("lvvit_tiny", img_size=32, patch_size=bad, num_classes=10)
     model = small()
-    with pytest.raises(ValueError, match="input size"):
+    with pytest.raises(AssertionError, match="input height 64 differs"):  # as timm's ViT: unless dynamic_img_size
         model(torch.randn(1, 3, 64, 64))
-    with pytest.raises(ValueError, match="no pretrained weights"):
+    with pytest.raises(RuntimeError, match="No pretrained weights exist"):  # timm's error: no file given
         timm.create_model("lvvit_small", pretrained=True)
     # patch 2 (a 1x1 projection) and a non-square image
     odd = timm.create_model("lvvit_tiny", img_size=(8, 12), patch_size=2, num_classes=3, embed_dim=32, depth=1, num_heads=2).eval()
@@ -231,11 +231,30 @@ def test_tiny_training_run_on_digits(tmp_path):
     overrides = ["model.name=lvvit_tiny", "model.img_size=8", "model.patch_size=2", "model.kwargs={embed_dim: 32, depth: 2, num_heads: 2}"]
     result = train(load_recipe("demo_student", tiny_run(tmp_path / "run", *overrides)))
     assert len(result.history) == 2
-    assert all(math.isfinite(row["train_loss"]) for row in result.history)
-    assert 0.0 <= result.final["eval_top1"] <= 100.0
+    first, last = result.history
+    assert last["train_loss"] < first["train_loss"] and last["eval_top1"] > 15.0  # it learns: chance is 10%
     model = load_model(result.output / "model.safetensors")
     net = model.backbone
     assert isinstance(net, LVViT) and net.embed_dim == 32 and len(net.blocks) == 2 and net.patch_embed.grid_size == (4, 4)
     with torch.no_grad():
         out = model(torch.randn(4, 3, 8, 8))
     assert out.logits.shape == (4, 10) and out.token_logits.shape == (4, 16, 10)
+
+
+def test_dynamic_img_size_through_our_wrapper_with_mixtoken():
+    """dynamic_img_size: other input sizes work, and MixToken (between patch embedding and
+    position embedding, on the NHWC grid) mixes in raster order as with fixed sizes."""
+    from vitdistill.models.output import TokenMix
+
+    torch.manual_seed(0)
+    kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, "dynamic_img_size": True}
+    model = build_model(ModelConfig(name="lvvit_tiny", img_size=16, patch_size=4, kwargs=kwargs), 10).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        plain = model(x)
+        unmixed = model(x, token_mix=TokenMix(torch.zeros(3, 16, dtype=torch.bool), torch.arange(3)))
+        swapped = model(x, token_mix=TokenMix(torch.ones(3, 16, dtype=torch.bool), torch.tensor([2, 1, 0])))
+        larger = model(torch.randn(2, 3, 24, 24))
+    torch.testing.assert_close(unmixed.logits, plain.logits)
+    torch.testing.assert_close(swapped.logits, plain.logits[[2, 1, 0]])  # every patch token from the partner
+    assert larger.token_logits.shape == (2, 36, 10) and larger.logits.shape == (2, 10)

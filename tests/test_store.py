@@ -169,8 +169,11 @@ def test_label_free_training_from_the_store_with_a_tiny_vit(store, tmp_path):
                      "objective=[{term: kd_soft, tau: 1.0}]"),
         )
     )
-    assert "train_kd_soft" in result.final and np.isfinite(result.final["train_loss"])
-    assert result.final["eval_top1"] >= 0
+    first, last = result.history
+    # the student moves towards the stored distributions (0.074 -> 0.032 when written); their argmax
+    # is not yet informative: the 3-epoch teacher is nearly uniform on these heavily mixed views
+    assert last["train_kd_soft"] < 0.6 * first["train_kd_soft"]
+    assert set(first) & {"train_ce", "train_ce@cls"} == set()  # no label term
 
 
 def test_cache_and_verify_from_the_command_line(tmp_path, tiny_teacher, capsys):

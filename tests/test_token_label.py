@@ -132,9 +132,10 @@ def make_teacher_prediction(n, tokens, labels_cls):
     return TeacherPrediction(probs=labels_cls, token_probs=tokens)
 
 
-def test_token_label_loss_is_its_equation_and_mixtoken_mixes_targets_consistently():
+@pytest.mark.parametrize("beta", [0.5, 0.0, 2.0])
+def test_token_label_loss_is_its_equation_and_mixtoken_mixes_targets_consistently(beta):
     torch.manual_seed(0)
-    objective = Objective([{"term": "token_label", "beta": 0.5, "cls_target": "mix", "cls_mix": 0.25}], C, has_dist_head=False)
+    objective = Objective([{"term": "token_label", "beta": beta, "cls_target": "mix", "cls_mix": 0.25}], C, has_dist_head=False)
     batch = batch_of([0, 2])
     logits, token_logits = torch.randn(2, C), torch.randn(2, 4, C)
     token_targets = torch.softmax(torch.randn(2, 4, C), -1)
@@ -147,7 +148,7 @@ def test_token_label_loss_is_its_equation_and_mixtoken_mixes_targets_consistentl
     onehot = torch.eye(C)[torch.tensor([0, 2])]
     y_cls = 0.75 * onehot + 0.25 * crop
     loss, _ = objective(ModelOutput(logits, token_logits=token_logits, tokens=torch.zeros(2, 5, 1), num_prefix=1), batch, teacher)
-    expected = ce(logits, y_cls).mean() + 0.5 * ce(token_logits, token_targets).mean()
+    expected = ce(logits, y_cls).mean() + beta * ce(token_logits, token_targets).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
     mask = torch.tensor([[True, False, False, False], [False, False, False, False]])
@@ -157,7 +158,7 @@ def test_token_label_loss_is_its_equation_and_mixtoken_mixes_targets_consistentl
     mixed_tokens[0, 0] = token_targets[1, 0]  # the token taken from the partner takes its target
     mixed_cls = y_cls.clone()
     mixed_cls[0] = 0.75 * y_cls[0] + 0.25 * y_cls[1]  # by the mask's mean (1 of 4 tokens)
-    expected = ce(logits, mixed_cls).mean() + 0.5 * ce(token_logits, mixed_tokens).mean()
+    expected = ce(logits, mixed_cls).mean() + beta * ce(token_logits, mixed_tokens).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -182,10 +183,12 @@ def test_label_map_files(label_maps):
 
 def test_training_with_token_labels_and_mixtoken(label_maps, tmp_path):
     result = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "deit", *TOKEN_RUN, f"teacher.label_maps={label_maps}", "teacher.checkpoint=null")))
-    assert math.isfinite(result.final["train_token_label@cls"])
+    first, last = result.history
+    assert last["train_token_label@cls"] < first["train_token_label@cls"]  # (16 steps: too few for accuracy above chance)
     lvvit = ["model.name=lvvit_tiny", "model.img_size=8", "model.patch_size=2", "model.kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "model.token_head=false"]
     result = train(load_recipe("demo_student", tiny_run(tmp_path / "lvvit", *TOKEN_RUN, *lvvit, f"teacher.label_maps={label_maps}", "teacher.checkpoint=null")))
-    assert math.isfinite(result.final["train_token_label"])
+    first, last = result.history
+    assert last["train_token_label"] < first["train_token_label"]
 
 
 def test_label_maps_are_checked(label_maps, tmp_path):

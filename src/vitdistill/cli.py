@@ -1,4 +1,4 @@
-"""The ``vitdistill`` command line: ``train``, ``eval``, ``demo``, ``recipes``, ``config``."""
+"""The ``vitdistill`` command line: ``train``, ``eval``, ``demo``, ``export``, ``compare``, ``recipes``, ``config``..."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import UserError
+from .errors import RecipeWarning, UserError
 
 EPILOG = """examples:
   vitdistill demo
@@ -16,6 +17,8 @@ EPILOG = """examples:
   vitdistill train deit_tiny_distilled_cifar10 optim.epochs=300 optim.lr=1e-3
   vitdistill train my_recipe.yaml --resume
   vitdistill eval runs/deit_tiny_distilled_cifar10 --json eval.json
+  vitdistill export runs/deit_tiny_distilled_cifar10 --format onnx
+  vitdistill compare runs/deit_tiny_cifar10 runs/deit_tiny_distilled_cifar10 --plot compare.png
 """
 
 
@@ -37,7 +40,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_recipe
     from .runner import train
 
-    cfg = load_recipe(args.recipe, _split_overrides(args.overrides))
+    overrides = _split_overrides(args.overrides) + ([f"optim.budget={args.budget}"] if args.budget else [])
+    cfg = load_recipe(args.recipe, overrides)
     train(cfg, resume=args.resume)
 
 
@@ -126,6 +130,41 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     _write_json(args.json, result)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_run, onnx_max_abs_diff
+
+    out = export_run(args.run, args.format, args.ema, args.output)
+    print(f"vitdistill: wrote {out}")
+    if args.format == "timm":
+        print(f"  load it: timm.create_model('local-dir:{out}', pretrained=True)  (see README: Using the student)")
+    else:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return
+        import torch
+
+        from .export import open_export_source
+
+        model = open_export_source(args.run, args.ema).model
+        size = model.spec.input_size or 224
+        diff = onnx_max_abs_diff(out, model, torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0)))
+        print(f"  ONNX Runtime vs PyTorch on 4 random images: max |difference| {diff:.2e}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .analysis.curves import compare_runs, format_comparison, plot_comparison, read_metrics
+
+    rows = compare_runs(args.runs)
+    print(format_comparison(rows))
+    if args.plot:
+        names = [row["name"] for row in rows]
+        labels = [row["name"] if names.count(row["name"]) == 1 else row["run"] for row in rows]
+        plot_comparison({label: read_metrics(row["run"]) for label, row in zip(labels, rows)}, args.plot)
+        print(f"vitdistill: wrote {args.plot}")
+    _write_json(args.json, {"runs": rows})
+
+
 def cmd_recipes(args: argparse.Namespace) -> None:
     from .config import list_recipes, read_recipe
 
@@ -153,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="packaged recipe name (see `vitdistill recipes`) or a .yaml path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-4 data.root=/data/imagenet")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
+    p.add_argument("--budget", metavar="TIME", help="train as many steps as fit in TIME (e.g. 8m, 90s, 1h30m; = optim.budget)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a trained model")
@@ -229,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(fn=cmd_bench_throughput)
 
+    p = sub.add_parser("export", help="the student of a run for timm (hub folder) or ONNX Runtime")
+    p.add_argument("run", help="run folder (or a model.safetensors written by vitdistill)")
+    p.add_argument("--format", choices=["timm", "onnx"], default="timm", help="timm: config.json + model.safetensors; onnx: model.onnx")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights (model_ema.safetensors)")
+    p.add_argument("--output", help="folder to write (default <run>/export/<format>[-ema])")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("compare", help="several runs side by side: top-1, parameters, time, speed; curves on shared axes")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--plot", metavar="PNG", help="draw their curves (loss, top-1, lr per epoch) on shared axes")
+    p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    p.set_defaults(fn=cmd_compare)
+
     p = sub.add_parser("recipes", help="list the packaged recipes")
     p.set_defaults(fn=cmd_recipes)
 
@@ -239,7 +292,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Our recipe warnings as one line; everything else as Python prints it."""
+    if issubclass(category, RecipeWarning):
+        print(f"vitdistill: warning: {message}", file=sys.stderr)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `vitdistill recipes | head -5`: the reader left; say nothing (as `ls | head` does).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the pipe
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come before or after options (argparse alone stops at the first).
     args, extra = parser.parse_known_args(argv)

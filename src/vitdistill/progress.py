@@ -32,6 +32,11 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", enabl
 class _Silent:
     """The parts of a tqdm bar the engine uses, doing nothing but printing lines."""
 
+    total = 0
+
+    def refresh(self) -> None:
+        pass
+
     def update(self, n: int = 1) -> None:
         pass
 

@@ -28,10 +28,10 @@ def derive_seed(*parts: object) -> int:
 def _stream_key(seed: int, stream: str) -> int:
     """A 64-bit key for (seed, stream): FNV-1a over the stream's bytes, then a splitmix64
     finaliser with the seed. Pure Python integer arithmetic, so torch.compile folds it into a
-    constant (a library hash such as hashlib would break the graph)."""
+    constant (a library hash such as hashlib would break the graph). Stream names are ASCII."""
     h = 0xCBF29CE484222325
-    for byte in stream.encode():
-        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    for ch in stream:  # ASCII: ord(ch) is the byte; torch 2.10-2.12 cannot trace bytes.__iter__
+        h = ((h ^ ord(ch)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
     h = (h ^ (seed * 0x9E3779B97F4A7C15)) & 0xFFFFFFFFFFFFFFFF
     h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF

@@ -12,6 +12,7 @@ import torch
 from .augment import Augmenter
 from .config import AugmentConfig, DataConfig, RunConfig, dump_config, to_dict
 from .config.parsing import apply_override, parse_dataclass
+from .config.paths import absolute_paths_in, with_absolute_paths
 from .data import ImageSource, open_source, open_splits
 from .engine import Trainer, evaluate, setup_distributed
 from .engine.checkpoint import load_checkpoint
@@ -19,7 +20,7 @@ from .engine.distributed import DistEnv
 from .engine.metrics import format_duration, format_summary
 from .errors import ConfigError, UserError
 from .models import ModelSpec, VisionModel, build_model, load_model
-from .models.network import create_backbone
+from .models.network import check_input_size, create_backbone
 from .objective import Objective
 from .rng import derive_seed
 from .labelmaps import LabelMapTargets
@@ -51,8 +52,16 @@ def _flatten(tree, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
+def check_batch_size(batch_size: int, images: int, world: int) -> None:
+    """A global batch that no epoch can fill is refused before anything is written."""
+    if batch_size % world:
+        raise ConfigError("optim.batch_size", f"{batch_size} is not divisible by the {world} processes")
+    if images < batch_size:
+        raise ConfigError("optim.batch_size", f"{batch_size} is larger than the {images:,} training images (the last partial batch is dropped)")
+
+
 def check_resume_compatible(saved: dict, current: RunConfig) -> None:
-    old, new = _flatten(saved), _flatten(to_dict(current))
+    old, new = _flatten(absolute_paths_in(saved)), _flatten(to_dict(with_absolute_paths(current)))
     for key in sorted(set(old) | set(new)):
         if key.startswith(RESUMABLE_CHANGES):
             continue
@@ -60,12 +69,14 @@ def check_resume_compatible(saved: dict, current: RunConfig) -> None:
             raise UserError(f"--resume: {key} was {old.get(key)!r} in the checkpoint but is {new.get(key)!r} now; resume with the same recipe")
 
 
-def build_trainer(cfg: RunConfig, env: DistEnv, output: Path) -> Trainer:
+def build_trainer(cfg: RunConfig, env: DistEnv, output: Path, clock_start: float | None = None) -> Trainer:
     """Everything a run needs, from its recipe: data, views, model, teacher, objective."""
     train_src, eval_src = open_splits(cfg.data)
+    check_batch_size(cfg.optim.batch_size, len(train_src), env.world)
     mean, std = cfg.data.mean, cfg.data.std
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # same seed, same initial weights
     model = build_model(cfg.model, train_src.num_classes, classes=train_src.classes, input_size=cfg.augment.input_size, mean=mean, std=std)
+    check_input_size(model.backbone, cfg.augment.input_size, "augment.input_size", cfg.model.name, f"set model.img_size={cfg.augment.input_size}")
     objective = Objective(cfg.objective, train_src.num_classes, model.has_dist_head)
     model.capture(objective.needed_blocks)
     if objective.needs_token_logits and not model.has_token_logits:
@@ -76,7 +87,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path) -> Trainer:
     placement = dict(placement=cfg.data.placement, workers=cfg.data.workers, augment_device=augment_device)
     train_views = Augmenter(train_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
     eval_views = Augmenter(eval_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
-    return Trainer(cfg, model, objective, train_views, eval_views, teacher, env, output)
+    return Trainer(cfg, model, objective, train_views, eval_views, teacher, env, output, clock_start)
 
 
 def build_targets(cfg: RunConfig, model: VisionModel, source: ImageSource, env: DistEnv, objective: Objective | None = None):
@@ -94,7 +105,8 @@ def build_targets(cfg: RunConfig, model: VisionModel, source: ImageSource, env: 
     if cfg.teacher.store is not None:
         return StoreTargets(cfg.teacher.store, cfg, source, env.device)
     classes = objective is None or objective.needs_teacher_classes
-    return build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std, classes=classes, features=features).to(env.device)
+    teacher = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std, cfg.augment.input_size, classes=classes, features=features)
+    return teacher.to(env.device)
 
 
 def train(cfg: RunConfig, resume: bool = False) -> RunResult:
@@ -106,29 +118,42 @@ def train(cfg: RunConfig, resume: bool = False) -> RunResult:
         raise UserError(f"--resume: {checkpoint} does not exist")
     if not resume and checkpoint.is_file():
         raise UserError(f"{output} already holds a run; pass --resume to continue it, or set output=... for a new one")
-    if env.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    start = time.perf_counter()
-    trainer = build_trainer(cfg, env, output)
-    if resume:
+    cfg = with_absolute_paths(cfg)
+    state = None
+    if resume:  # refuse a changed recipe before spending time on the data
         state = load_checkpoint(checkpoint)
         check_resume_compatible(state["config"], cfg)
+    start = time.perf_counter()  # a time budget counts from here: data, model, compilation included
+    trainer = build_trainer(cfg, env, output, start)
+    if state is not None:
         trainer.load_state_dict(state)
+    source = trainer.train_views.source
     if env.is_main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(dump_config(cfg))
-        print(f"vitdistill: {cfg.name}: {describe_source(trainer.train_views.source)} -> {output}")
+        print(f"vitdistill: {cfg.name}: {describe_source(source)} -> {output}")
+        for line in describe_skipped(source, trainer.eval_views.source):
+            print(f"vitdistill: {line}")
     history = trainer.fit()
     wall = time.perf_counter() - start
     if env.is_main:
-        write_summary(cfg, output, history, wall)
+        write_summary(cfg, output, history, wall, skipped_files(source, trainer.eval_views.source), budget_report(trainer, wall))
+        from .analysis.curves import write_run_curves  # (the analysis package imports the runner)
+
+        write_run_curves(output, history, cfg.name)  # curves.png
     parameters = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunResult(output=output, history=history, wall_time_s=wall, parameters=parameters)
 
 
-def write_summary(cfg: RunConfig, output: Path, history: list[dict], wall: float) -> None:
+def budget_report(trainer: Trainer, wall: float) -> dict | None:
+    """A budgeted run's plan next to what happened (wall time of this process's part)."""
+    clock = trainer.budget
+    if clock is None or clock.plan is None:
+        return None
+    return {**clock.plan.to_dict(), "actual_s": wall, "cut_short": clock.cut_short, "steps_done": min(trainer.total_steps, len(trainer.history) * trainer.steps)}
+
+
+def write_summary(cfg: RunConfig, output: Path, history: list[dict], wall: float, skipped: dict | None = None, budget: dict | None = None) -> None:
     final = history[-1] if history else {}
     rates = [row["train_img_per_s"] for row in history if "train_img_per_s" in row]
     summary = {
@@ -138,9 +163,16 @@ def write_summary(cfg: RunConfig, output: Path, history: list[dict], wall: float
         "train_img_per_s": sum(rates) / len(rates) if rates else None,
         "final": final,
         "model": str(output / "model.safetensors"),
+        "skipped_files": skipped or {},
     }
+    if budget is not None:
+        summary["budget"] = budget
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nvitdistill: {cfg.name} finished in {format_duration(wall)}; weights in {output / 'model.safetensors'}")
+    if budget is not None:
+        note = ", cut short: the measured rate did not hold" if budget["cut_short"] else ""
+        print(f"vitdistill: budget {format_duration(budget['budget_s'])}: planned end {format_duration(budget['planned_end_s'])}, "
+              f"actual {format_duration(wall)}{note}")
     print(format_summary(history))
 
 
@@ -150,10 +182,7 @@ def load_trained(path: str | Path) -> tuple[VisionModel, dict | None]:
     and the recipe it was trained with when known."""
     path = Path(path)
     if path.suffix == ".pt" and path.is_file():
-        try:
-            state = load_checkpoint(path)
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        state = load_checkpoint(path)
         spec = ModelSpec.from_json(state["spec"])
         model = VisionModel(create_backbone(spec), spec)
         model.load_state_dict(state["model"])
@@ -204,6 +233,24 @@ def evaluate_checkpoint(
     views = Augmenter(source, aug, 0, spec.mean or data_cfg.mean, spec.std or data_cfg.std, env.device)
     metrics = evaluate(model.to(env.device), views, batch_size, env, show_progress=True)
     return {"checkpoint": str(path), "model": spec.name, "data": source.name, "images": len(source), **metrics}
+
+
+def skipped_files(*sources: ImageSource) -> dict:
+    """Files left out of each split (not images, or undecodable with ``data.on_corrupt=skip``)."""
+    return {src.name: src.skipped for src in sources if src.skipped}
+
+
+SKIP_REASONS = {"not_image": "files that are not images", "corrupt": "images that cannot be decoded (data.on_corrupt=skip)"}
+
+
+def describe_skipped(*sources: ImageSource) -> list[str]:
+    """One line per split and reason: how many files were left out, with an example."""
+    return [
+        f"{src.name}: left out {len(files):,} {SKIP_REASONS.get(reason, reason)}, e.g. {files[0]}"
+        for src in sources
+        for reason, files in src.skipped.items()
+        if files
+    ]
 
 
 def describe_source(source: ImageSource) -> str:

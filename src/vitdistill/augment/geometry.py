@@ -23,7 +23,9 @@ RRC_TRIES = 10
 
 def rrc_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:
     """Random-resized-crop boxes with torchvision's algorithm (10 tries, then a centre crop)."""
-    u = rng.uniform(epoch, index, "rrc", 4 * RRC_TRIES).view(-1, RRC_TRIES, 4)
+    # float64: exp/sqrt may differ in the last bit between eager and compiled code, which in
+    # float32 can flip round(); the 24-bit uniforms themselves are exact either way
+    u = rng.uniform(epoch, index, "rrc", 4 * RRC_TRIES).view(-1, RRC_TRIES, 4).to(torch.float64)
     area = float(height * width)
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
@@ -33,7 +35,7 @@ def rrc_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, h
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     x1 = torch.floor(u[..., 2] * (width - w + 1))
     y1 = torch.floor(u[..., 3] * (height - h + 1))
-    first = torch.argmax(ok.to(torch.int8), dim=1, keepdim=True)
+    first = first_true(ok)
     pick = lambda t: torch.gather(t, 1, first).squeeze(1)  # noqa: E731
     w, h, x1, y1 = pick(w), pick(h), pick(x1), pick(y1)
     # Fallback (no try fitted): the largest centred crop with the aspect clamped to `ratio`.
@@ -49,7 +51,16 @@ def rrc_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, h
     h = torch.where(found, h, torch.full_like(h, fh))
     x1 = torch.where(found, x1, torch.full_like(x1, (width - fw) // 2))
     y1 = torch.where(found, y1, torch.full_like(y1, (height - fh) // 2))
-    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1).to(torch.float32)
+
+
+def first_true(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, 1]``: the position of the first True of each row of ``[B, T]`` (any position when
+    none). Written as the argmax of distinct scores: argmax's "first of equal maxima" holds in
+    eager mode but not in compiled code (inductor returned other tries for ~1% of samples)."""
+    tries = mask.shape[1]
+    score = mask.to(torch.int64) * (tries - torch.arange(tries, device=mask.device))
+    return torch.argmax(score, dim=1, keepdim=True)
 
 
 def pad_crop_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: int, width: int, pad: int) -> torch.Tensor:
@@ -60,15 +71,21 @@ def pad_crop_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tens
     return torch.stack([dx, dy, dx + width, dy + height], dim=1)
 
 
+def constant_boxes(n: int, box: tuple[float, float, float, float], device) -> torch.Tensor:
+    """``[n, 4]`` copies of one box, filled on the device (``torch.tensor(list, device=cuda)``
+    would be a blocking host-to-device copy)."""
+    return torch.stack([torch.full((n,), float(v), dtype=torch.float32, device=device) for v in box], dim=1)
+
+
 def centre_boxes(n: int, height: int, width: int, device, crop_pct: float = 1.0) -> torch.Tensor:
     """The centred square crop of ``crop_pct`` of the short side (the evaluation view)."""
     side = crop_pct * min(height, width)
     x1, y1 = (width - side) / 2, (height - side) / 2
-    return torch.tensor([x1, y1, x1 + side, y1 + side], dtype=torch.float32, device=device).expand(n, 4).clone()
+    return constant_boxes(n, (x1, y1, x1 + side, y1 + side), device)
 
 
 def full_boxes(n: int, height: int, width: int, device) -> torch.Tensor:
-    return torch.tensor([0.0, 0.0, width, height], device=device).expand(n, 4).clone()
+    return constant_boxes(n, (0.0, 0.0, width, height), device)
 
 
 def sample_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: int, width: int, cfg: AugmentConfig) -> torch.Tensor:

@@ -61,8 +61,9 @@ def plan_mixing(rng: CounterRNG, epoch: int, index: torch.Tensor, partners: torc
     if cfg.cutmix_alpha > 0:
         lam_cut = rng.beta(epoch, index, "cutmix-lam", cfg.cutmix_alpha)
         # timm's rand_bbox: a square-ish box of side sqrt(1 - lam) around a uniform centre,
-        # clipped to the image; lam is then corrected to the visible area.
-        cut = torch.floor(size * torch.sqrt(1.0 - lam_cut))
+        # clipped to the image; lam is then corrected to the visible area. (sqrt in float64:
+        # a last-bit difference between eager and compiled code then cannot flip the floor.)
+        cut = torch.floor(size * torch.sqrt(1.0 - lam_cut.to(torch.float64))).to(torch.float32)
         cy, cx = torch.floor(u[:, 2] * size), torch.floor(u[:, 3] * size)
         y1, y2 = (cy - cut // 2).clamp(0, size), (cy + cut // 2).clamp(0, size)
         x1, x2 = (cx - cut // 2).clamp(0, size), (cx + cut // 2).clamp(0, size)

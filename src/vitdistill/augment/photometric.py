@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..rng import CounterRNG
+from .geometry import first_true
 from .mixing import box_mask
 
 ERASE_TRIES = 10
@@ -48,7 +49,9 @@ def erase_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor,
     """
     u = rng.uniform(epoch, index, "erase", 1 + 4 * ERASE_TRIES)
     apply = u[:, 0] < prob
-    t = u[:, 1:].view(-1, ERASE_TRIES, 4)
+    # float64 from here: exp/sqrt may differ in the last bit between eager and compiled code, and
+    # in float32 that flipped round() for ~1% of samples (exact 24-bit uniforms go in either way)
+    t = u[:, 1:].view(-1, ERASE_TRIES, 4).to(torch.float64)
     area = height * width * (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * t[..., 0])
     aspect = torch.exp(ERASE_LOG_ASPECT[0] + (ERASE_LOG_ASPECT[1] - ERASE_LOG_ASPECT[0]) * t[..., 1])
     h = torch.round(torch.sqrt(area * aspect))
@@ -56,9 +59,9 @@ def erase_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor,
     fits = (w < width) & (h < height)
     y1 = torch.floor(t[..., 2] * (height - h + 1))
     x1 = torch.floor(t[..., 3] * (width - w + 1))
-    first = torch.argmax(fits.to(torch.int8), dim=1, keepdim=True)
+    first = first_true(fits)
     pick = lambda v: torch.gather(v, 1, first).squeeze(1)  # noqa: E731
-    boxes = torch.stack([pick(x1), pick(y1), pick(x1 + w), pick(y1 + h)], dim=1)
+    boxes = torch.stack([pick(x1), pick(y1), pick(x1 + w), pick(y1 + h)], dim=1).to(torch.float32)
     keep = apply & fits.any(dim=1)
     return torch.where(keep[:, None], boxes, torch.zeros_like(boxes))
 

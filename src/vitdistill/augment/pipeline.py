@@ -21,7 +21,7 @@ from ..rng import CounterRNG
 from .geometry import centre_boxes, render, sample_boxes, sample_flips
 from .mixing import MixPlan, apply_mixing, mixing_enabled, partner_table, plan_mixing
 from .photometric import color_jitter, random_erase
-from .randaugment import parse_rand_augment, rand_augment
+from .randaugment import fill_levels, parse_rand_augment, rand_augment
 
 
 @dataclass
@@ -81,12 +81,14 @@ class Augmenter:
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self._partners: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.rand_augment = parse_rand_augment(cfg.rand_augment) if cfg.rand_augment else None
-        self.fill = tuple(float(m) for m in mean)  # timm fills uncovered pixels with the mean colour
+        self.fill = fill_levels(tuple(float(m) for m in mean), device)  # timm fills uncovered pixels with the mean colour
+        self.compiled_batch: int | None = None  # the one batch size compiled views are traced for
         if cfg.compile:
             # Eager views launch a few thousand small kernels per batch (RandAugment computes every
             # op for the whole batch; the counter hash is ~40 integer ops per call); compiled, they
             # fuse into few kernels. Compiled views equal eager ones up to float reassociation.
-            self._views = torch.compile(self._views, dynamic=False)
+            # One static shape: smaller batches (an epoch's or a store's last) are padded to it.
+            self._compiled_views = torch.compile(self._views, dynamic=False)
 
     @property
     def height(self) -> int:
@@ -107,20 +109,28 @@ class Augmenter:
         return self._partners[2] if on_device else self._partners[1]
 
     def pixels_needed(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Source images a training batch reads: its own, then (with mixing) its partners'."""
-        index = index.cpu()
+        """Source images a training batch reads: its own, then (with mixing) its partners', on
+        the index's own device (no host-device round trip)."""
         if not mixing_enabled(self.cfg):
             return index
-        return torch.cat([index, self._partners_for(epoch)[index]])
+        return torch.cat([index, self._partners_for(epoch, on_device=index.device.type != "cpu")[index]])
+
+    def to_device(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """An epoch's index batches on the view device in one copy (one per step would block
+        the host once per step, losing the overlap of host and device)."""
+        if self.device.type == "cpu" or not batches:
+            return list(batches)
+        return list(torch.cat(list(batches)).to(self.device).split([len(b) for b in batches]))
 
     def train_batches(self, batches: list[torch.Tensor], epoch: int) -> Iterator[ViewBatch]:
         """The training views of each index batch, in order (prefetching host-resident pixels)."""
+        on_device = self.to_device(batches)
         if self.on_device:
-            for index in batches:
+            for index in on_device:
                 yield self.train_batch(index, epoch)
             return
-        needed = (self.pixels_needed(index, epoch) for index in batches)
-        for index, pixels in zip(batches, prefetch(self.images, needed, self.device, self.workers)):
+        needed = (self.pixels_needed(index.cpu(), epoch) for index in batches)
+        for index, pixels in zip(on_device, prefetch(self.images, needed, self.device, self.workers)):
             yield self.train_batch(index, epoch, pixels)
 
     def _views(self, index: torch.Tensor, epoch: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,6 +152,22 @@ class Augmenter:
             images = random_erase(images, rng, epoch, index, cfg.erase_prob)
         return images, boxes, flips
 
+    def views(self, index: torch.Tensor, epoch: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_views`, compiled when ``augment.compile``: for one static batch size (the
+        first seen; a smaller batch is padded with copies of its last sample, which change
+        nothing for the others since every view depends only on its own index)."""
+        if not self.cfg.compile:
+            return self._views(index, epoch, pixels)
+        n = index.shape[0]
+        if self.compiled_batch is None or n > self.compiled_batch:
+            self.compiled_batch = n
+        pad = self.compiled_batch - n
+        if pad:
+            index = torch.cat([index, index[-1:].expand(pad)])
+            pixels = torch.cat([pixels, pixels[-1:].expand(pad, *pixels.shape[1:])])
+        images, boxes, flips = self._compiled_views(index, epoch, pixels)
+        return images[:n], boxes[:n], flips[:n]
+
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
 
@@ -150,17 +176,17 @@ class Augmenter:
         source images of :meth:`pixels_needed` when already gathered."""
         if pixels is None:
             pixels = self._gather(self.pixels_needed(index, epoch))
-        index = index.to(self.device)
+        index = index.to(self.device)  # a no-op for the device indices of train_batches
         n = index.shape[0]
         epoch_t = torch.full((), epoch, dtype=torch.int64, device=self.device)  # an input, not a constant, to compiled views
-        images, boxes, flips = self._views(index, epoch_t, pixels[:n])
+        images, boxes, flips = self.views(index, epoch_t, pixels[:n])
         plan = self._plan(index, epoch)
         partner_boxes, partner_flips = boxes, flips
         if mixing_enabled(self.cfg):
             # Partner views are rendered for every sample (unmixed ones ignore theirs): no
             # data-dependent shapes, no device sync.
             table_partner = self._partners_for(epoch, on_device=True)[index]
-            partner_images, table_boxes, table_flips = self._views(table_partner, epoch_t, pixels[n:])
+            partner_images, table_boxes, table_flips = self.views(table_partner, epoch_t, pixels[n:])
             images = apply_mixing(images, partner_images, plan)
             partner_boxes = torch.where(plan.is_mixed[:, None], table_boxes, boxes)
             partner_flips = torch.where(plan.is_mixed, table_flips, flips)

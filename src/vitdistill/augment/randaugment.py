@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..config.schema import register_recipe_check
+from ..errors import ConfigError, UserError
 from ..rng import CounterRNG
 
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is the full argument range
@@ -428,20 +429,26 @@ def apply_slot(x: torch.Tensor, draws: SlotDraws, transforms: tuple[str, ...], f
     return torch.where(geometric.view(b, 1, 1, 1), warp_affine(x, matrix, fill), out)
 
 
+def fill_levels(fill: tuple[float, float, float], device, dtype=torch.float32) -> torch.Tensor:
+    """timm's ``img_mean`` fill colour in 0..255 (a ``[3]`` tensor on ``device``; make it once
+    per device: building it from a Python list is a host-to-device copy)."""
+    return torch.tensor([min(255, round(255 * v)) for v in fill], dtype=dtype, device=device)
+
+
 def rand_augment(images: torch.Tensor, rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, spec: RandAugmentSpec,
-                 fill: tuple[float, float, float]) -> torch.Tensor:
+                 fill: tuple[float, float, float] | torch.Tensor) -> torch.Tensor:
     """images: [B, 3, H, W] float in [0, 1] (un-normalised), index: [B] int64 sample ids on the same device.
 
     Returns the augmented batch, same shape/dtype, values in [0, 1]. fill: colour (in [0,1]) for
     pixels uncovered by rotate/shear/translate (timm uses the dataset mean, rounded to 8 bits as
-    here). A sample's result depends only on (rng seed, epoch, its index, its image), not on the
+    here), or that colour already made by :func:`fill_levels`. A sample's result depends only on (rng seed, epoch, its index, its image), not on the
     batch; samples no op was applied to are returned bit-identical.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"rand_augment expects [B, 3, H, W] images, got {tuple(images.shape)}")
     work_dtype = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
     x = images.to(work_dtype) * 255.0
-    fill255 = torch.tensor([min(255, round(255 * v)) for v in fill], dtype=work_dtype, device=images.device)  # timm's img_mean
+    fill255 = fill.to(work_dtype) if isinstance(fill, torch.Tensor) else fill_levels(fill, images.device, work_dtype)  # from fill_levels
     changed = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
     for slot in range(spec.num_ops):
         draws = draw_slot(rng, epoch, index, spec, slot)
@@ -449,3 +456,13 @@ def rand_augment(images: torch.Tensor, rng: CounterRNG, epoch: int | torch.Tenso
         changed = changed | draws.applied
     out = (x / 255.0).clamp_(0.0, 1.0).to(images.dtype)
     return torch.where(changed.view(-1, 1, 1, 1), out, images)
+
+
+@register_recipe_check
+def check_rand_augment(cfg) -> None:
+    """``augment.rand_augment`` is a policy this module can run."""
+    if cfg.augment.rand_augment is not None:
+        try:
+            parse_rand_augment(cfg.augment.rand_augment)
+        except UserError as err:
+            raise ConfigError("augment.rand_augment", str(err)) from None

@@ -176,9 +176,47 @@ def measure_bare(trainer, warmup: int, steps: int) -> float:
     return timed(step, iter(lambda: real, None), warmup, steps, device)
 
 
+def black_on_zero_bits_posterize():
+    """timm's ``posterize`` op, keeping 0 bits as a black image.
+
+    timm's ``rand-m9-mstd0.5-inc1`` reaches ``PosterizeIncreasing`` at magnitude 10 (the std
+    lets it clip there), i.e. 0 bits kept; Pillow >= 10 raises "bits must be between or equal to
+    1 and 8" for that, crashing the DataLoader. Older Pillow gave a black image, as our batched
+    RandAugment does. Used by this benchmark's timm path only.
+    """
+    from PIL import Image
+    from timm.data import auto_augment
+
+    original = auto_augment.posterize
+
+    def posterize(img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return original(img, bits_to_keep, **kwargs)
+
+    return posterize
+
+
+def patch_timm_posterize() -> None:
+    """Route timm's Posterize ops through :func:`black_on_zero_bits_posterize` (its op table
+    holds the function itself, so the table entries are replaced; forked DataLoader workers
+    inherit them)."""
+    from timm.data import auto_augment
+
+    if getattr(auto_augment.NAME_TO_OP.get("PosterizeIncreasing"), "_vitdistill_patched", False):
+        return
+    patched = black_on_zero_bits_posterize()
+    patched._vitdistill_patched = True
+    for name, fn in list(auto_augment.NAME_TO_OP.items()):
+        if fn is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = patched
+
+
 def measure_cpu_loader(trainer, split_dir: Path, regime: Regime, workers: int, warmup: int, steps: int) -> float:
     """timm's conventional path: JPEG decode + transforms in DataLoader workers, Mixup on device."""
     from timm.data import Mixup, create_transform
+
+    patch_timm_posterize()
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
@@ -247,22 +285,36 @@ def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: i
     root = Path(data_root)
     split_dir = resolve_split_dir(unpack_archive(root, cache) if root.is_file() else root, "train")
     results: dict = {"regime": regime.name, "batch_size": batch_size, "input_size": regime.input_size, "student": regime.student["name"],
-                     "teacher": regime.teacher, "compile": compile_model, "loader_workers": workers, "steps": steps}
+                     "teacher": regime.teacher, "compile": compile_model, "loader_workers": workers, "steps": steps, "errors": {}}
+
+    def guarded(key: str, measure) -> None:
+        """One variant: its images/s, or its error (one failing variant never loses the others)."""
+        try:
+            results[key] = measure()
+        except Exception as err:  # noqa: BLE001 - reported in the results, the other variants go on
+            results[key] = None
+            results["errors"][key] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            print(f"vitdistill: bench {regime.name}: {key} failed: {results['errors'][key]}", flush=True)
+
     plain = build_trainer(make_config(regime, data_root, str(cache), None, batch_size, compile_model, device), env, cache / "unused")
-    results["a_bare_img_s"] = measure_bare(plain, warmup, steps)
-    results["b_pipeline_img_s"] = measure_vitdistill(plain, warmup, steps)
-    results["d_loader_img_s"] = measure_cpu_loader(plain, split_dir, regime, workers, warmup, steps)
+    guarded("a_bare_img_s", lambda: measure_bare(plain, warmup, steps))
+    guarded("b_pipeline_img_s", lambda: measure_vitdistill(plain, warmup, steps))
+    guarded("d_loader_img_s", lambda: measure_cpu_loader(plain, split_dir, regime, workers, warmup, steps))
     teacher_file = random_teacher(regime, plain.train_views.source.num_classes, cache)
     del plain
     taught = build_trainer(make_config(regime, data_root, str(cache), teacher_file, batch_size, compile_model, device), env, cache / "unused")
-    results["c_pipeline_teacher_img_s"] = measure_vitdistill(taught, warmup, steps)
-    results["d_loader_teacher_img_s"] = measure_cpu_loader(taught, split_dir, regime, workers, warmup, steps)
+    guarded("c_pipeline_teacher_img_s", lambda: measure_vitdistill(taught, warmup, steps))
+    guarded("d_loader_teacher_img_s", lambda: measure_cpu_loader(taught, split_dir, regime, workers, warmup, steps))
     del taught
-    results["e_pipeline_store_img_s"] = measure_store(regime, data_root, cache, teacher_file, batch_size, compile_model, device, env, warmup, steps)
-    results["c_over_a"] = results["c_pipeline_teacher_img_s"] / results["a_bare_img_s"]
-    results["c_over_d_teacher"] = results["c_pipeline_teacher_img_s"] / results["d_loader_teacher_img_s"]
-    results["b_over_e"] = results["b_pipeline_img_s"] / results["e_pipeline_store_img_s"]  # epoch-time ratio store / no teacher
+    guarded("e_pipeline_store_img_s", lambda: measure_store(regime, data_root, cache, teacher_file, batch_size, compile_model, device, env, warmup, steps))
+    results["c_over_a"] = ratio(results["c_pipeline_teacher_img_s"], results["a_bare_img_s"])
+    results["c_over_d_teacher"] = ratio(results["c_pipeline_teacher_img_s"], results["d_loader_teacher_img_s"])
+    results["b_over_e"] = ratio(results["b_pipeline_img_s"], results["e_pipeline_store_img_s"])  # epoch-time ratio store / no teacher
     return results
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def measure_store(regime: Regime, data_root: str, cache: Path, teacher_file: Path, batch_size: int, compile_model: str, device: str,
@@ -274,7 +326,8 @@ def measure_store(regime: Regime, data_root: str, cache: Path, teacher_file: Pat
     plain = build_trainer(make_config(regime, data_root, str(cache), None, batch_size, compile_model, device), env, cache / "unused")
     epochs = -(-(warmup + steps) // (len(plain.train_views.source) // batch_size))
     del plain
-    store = {"path": str(cache / f"store-{regime.name}-{batch_size}"), "k": 10, "epochs": epochs}
+    # the store pins the views it was made for, augment.compile included: one store per setting
+    store = {"path": str(cache / f"store-{regime.name}-{batch_size}-{compile_model or 'eager'}"), "k": 10, "epochs": epochs}
     cfg = make_config(regime, data_root, str(cache), teacher_file, batch_size, compile_model, device, store)
     write_store(cfg)
     cfg.teacher.store = store["path"]
@@ -305,9 +358,20 @@ def run(regimes: list[str], data: dict[str, str | None], cache: Path, batch_size
 
 def format_result(r: dict) -> str:
     lines = [f"{r['regime']}: {r['student']} @ {r['input_size']}, teacher {r['teacher']}, batch {r['batch_size']}, compile {r['compile'] or 'off'}"]
-    for key, label in (("a_bare_img_s", "(a) bare model step"), ("b_pipeline_img_s", "(b) vitdistill pipeline"),
-                       ("c_pipeline_teacher_img_s", "(c) vitdistill pipeline + teacher"), ("d_loader_img_s", "(d) CPU loader"),
-                       ("d_loader_teacher_img_s", "(d) CPU loader + teacher"), ("e_pipeline_store_img_s", "(e) vitdistill pipeline + store")):
-        lines.append(f"  {label:36s} {r[key]:12,.0f} img/s")
-    lines.append(f"  (c)/(a) = {r['c_over_a']:.2f}   (c)/(d with teacher) = {r['c_over_d_teacher']:.2f}   epoch time store/no teacher = {r['b_over_e']:.2f}")
+    for key, label in VARIANTS:
+        value = r.get(key)
+        shown = f"{value:12,.0f} img/s" if value is not None else f"failed: {r.get('errors', {}).get(key, 'not run')}"
+        lines.append(f"  {label:36s} {shown}")
+    num = lambda v: f"{v:.2f}" if v is not None else "n/a"  # noqa: E731
+    lines.append(f"  (c)/(a) = {num(r['c_over_a'])}   (c)/(d with teacher) = {num(r['c_over_d_teacher'])}   epoch time store/no teacher = {num(r['b_over_e'])}")
     return "\n".join(lines)
+
+
+VARIANTS = (
+    ("a_bare_img_s", "(a) bare model step"),
+    ("b_pipeline_img_s", "(b) vitdistill pipeline"),
+    ("c_pipeline_teacher_img_s", "(c) vitdistill pipeline + teacher"),
+    ("d_loader_img_s", "(d) CPU loader"),
+    ("d_loader_teacher_img_s", "(d) CPU loader + teacher"),
+    ("e_pipeline_store_img_s", "(e) vitdistill pipeline + store"),
+)

@@ -8,6 +8,7 @@ dataclasses, and what matters is that every mistake becomes one line naming the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -169,3 +170,25 @@ def _list_index(node: list, part: str, where: str) -> int:
     if not -len(node) <= index < len(node):
         raise ConfigError(where, f"no item {index} (the list has {len(node)})")
     return index
+
+
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(text: str | float | int, key: str = "optim.budget") -> float:
+    """Seconds in ``90``, ``90s``, ``8m``, ``1.5m``, ``1h30m``; a clear error otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        value = str(text).strip().lower().replace(" ", "")
+        try:
+            seconds = float(value)
+        except ValueError:
+            match = _DURATION.fullmatch(value)
+            if not value or match is None or not any(match.groups()):
+                raise ConfigError(key, f"expected a duration such as 90s, 8m or 1h30m, got {text!r}") from None
+            seconds = sum(float(v) * _UNITS[u] for v, u in zip(match.groups(), "hms") if v)
+    if not seconds > 0:
+        raise ConfigError(key, f"must be a positive duration, got {text!r}")
+    return seconds

@@ -8,10 +8,26 @@ term's own parameter dataclass (see :mod:`vitdistill.objective`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import re
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Literal
 
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, RecipeWarning
+from .parsing import parse_duration
+
+# Checks that need a registry above the config layer (objective terms, timm models, optimizers,
+# RandAugment policies) are registered here by the package that owns the registry, so that the
+# config layer imports nothing above it and every check still runs when a recipe is loaded.
+RECIPE_CHECKS: list[Callable[["RunConfig"], None]] = []
+
+
+def register_recipe_check(check: Callable[["RunConfig"], None]) -> Callable[["RunConfig"], None]:
+    """Run ``check(cfg)`` on every validated recipe; it raises :class:`ConfigError` naming the key."""
+    RECIPE_CHECKS.append(check)
+    return check
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,8 +46,12 @@ def _join(prefix: str, name: str) -> str:
 class DataConfig:
     """Where images come from. See :mod:`vitdistill.data.sources`."""
 
-    source: Literal["imagefolder", "cifar10", "cifar100", "digits"] = "imagefolder"
-    root: str | None = None  # folder, or a .tar/.tar.gz/.zip of one (unpacked once into cache_dir)
+    source: Literal["imagefolder", "cifar10", "cifar100", "digits", "hf"] = "imagefolder"
+    root: str | None = None  # folder, or a .tar/.tar.gz/.zip of one (unpacked once into cache_dir); hf: a saved DatasetDict or parquet folder
+    # hf: the columns of images (an Image feature) and labels (ClassLabel names become the classes);
+    # None means "image" / "label" (None, not the names, so that earlier runs still resume)
+    image_column: str | None = None
+    label_column: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
     train_limit: int | None = None  # use a class-balanced slice of this many images (quick runs)
@@ -44,6 +64,8 @@ class DataConfig:
     augment_device: Literal["auto", "cpu"] = "auto"  # cpu: make the views on the CPU (same views), train on the GPU
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    on_corrupt: Literal["error", "skip"] = "error"  # an image that cannot be decoded: stop naming it, or leave it out (counted)
+    allow_empty_classes: bool = False  # ImageFolder: keep a class folder without images as a class
 
     def validate(self, key: str) -> None:
         _check(self.workers >= 0, _join(key, "workers"), "must be >= 0")
@@ -53,6 +75,8 @@ class DataConfig:
         _check(all(s > 0 for s in self.std), _join(key, "std"), "must be positive")
         if self.source == "imagefolder":
             _check(self.root is not None, _join(key, "root"), "imagefolder needs a root folder or archive")
+        if self.source == "hf":
+            _check(self.root is not None, _join(key, "root"), "hf needs a root: a dataset saved with save_to_disk, or a folder of parquet files")
 
 
 @dataclass
@@ -86,13 +110,11 @@ class AugmentConfig:
         for name in ("mixup_alpha", "cutmix_alpha"):
             _check(getattr(self, name) >= 0, _join(key, name), "must be >= 0")
         _check(self.color_jitter is None or self.color_jitter >= 0, _join(key, "color_jitter"), "must be >= 0")
-        if self.rand_augment is not None:
-            from ..augment.randaugment import parse_rand_augment
-
-            try:
-                parse_rand_augment(self.rand_augment)
-            except UserError as err:
-                raise ConfigError(_join(key, "rand_augment"), str(err)) from None
+        defaults = AugmentConfig()
+        if self.crop != "rrc":
+            for name in ("scale", "ratio"):
+                if getattr(self, name) != getattr(defaults, name):
+                    warnings.warn(f"{_join(key, name)} has no effect with {_join(key, 'crop')}={self.crop} (it applies to crop: rrc)", RecipeWarning, stacklevel=2)
 
 
 @dataclass
@@ -189,6 +211,7 @@ class OptimConfig:
     min_lr: float = 1e-5
     clip_grad: float | None = None
     layer_decay: float | None = None  # e.g. 0.8: lr x 0.8 per block from the head down
+    budget: str | None = None  # e.g. 8m, 90s, 1h30m: train as many steps as fit (optim.epochs is the upper bound)
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, _join(key, "epochs"), "must be >= 1")
@@ -198,6 +221,8 @@ class OptimConfig:
         _check(self.clip_grad is None or self.clip_grad > 0, _join(key, "clip_grad"), "must be positive")
         ld = self.layer_decay
         _check(ld is None or 0 < ld <= 1, _join(key, "layer_decay"), "must be in (0, 1]")
+        if self.budget is not None:
+            parse_duration(self.budget, _join(key, "budget"))
 
 
 @dataclass
@@ -212,9 +237,13 @@ class EngineConfig:
     progress: bool = True
     tensorboard: bool = True
     eval_batch_size: int | None = None
+    nan_policy: Literal["stop", "skip_step"] = "stop"  # a non-finite loss: stop the run, or skip that update
+    max_skipped_steps: int = 10  # skip_step: stop after this many skipped updates
 
     def validate(self, key: str) -> None:
+        _check(DEVICE_PATTERN.fullmatch(self.device) is not None, _join(key, "device"), f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.eval_every >= 1, _join(key, "eval_every"), "must be >= 1")
+        _check(self.max_skipped_steps >= 0, _join(key, "max_skipped_steps"), "must be >= 0")
         e = self.ema_decay
         _check(e is None or 0 < e < 1, _join(key, "ema_decay"), "must be in (0, 1)")
 
@@ -237,12 +266,9 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self, key: str) -> None:
-        from ..objective import needs_teacher, validate_terms  # late: objective imports config
-
         _check(len(self.objective) > 0, "objective", "needs at least one term")
-        self.objective = validate_terms(self.objective)
-        if needs_teacher(self.objective):
-            _check(self.teacher is not None, "teacher", "the objective needs a teacher; none is set")
+        for check in RECIPE_CHECKS:
+            check(self)
 
     @property
     def output_dir(self) -> str:

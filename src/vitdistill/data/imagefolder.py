@@ -5,14 +5,23 @@ through a memory map, so ImageNet-sized splits never need to fit in RAM). Later 
 file into RAM when it takes at most half of the available memory, and memory-map it otherwise.
 Variable-sized images are resized (short side) and centre-cropped to ``data.source_size`` so that
 the split is one array; same-sized images are kept as they are.
+
+The cache is keyed by the file list, the labels and every file's size and modification time, so
+an edited or replaced image is decoded again. A file that cannot be decoded is an error naming
+it (``data.on_corrupt: error``) or is left out and counted (``skip``); no temporary file outlives
+a failure.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import tarfile
 import zipfile
+import zlib
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -39,18 +48,24 @@ def unpack_archive(archive: Path, cache: Path) -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"vitdistill: unpacking {archive} into {target}")
-    if archive.name.endswith(".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(tmp)
-    else:
-        with tarfile.open(archive) as tf:
-            if hasattr(tarfile, "data_filter"):
-                tf.extractall(tmp, filter="data")
-            else:  # pragma: no cover - Python < 3.10.12
-                tf.extractall(tmp)
     try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race
+        if archive.name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)
+        else:
+            with tarfile.open(archive) as tf:
+                if hasattr(tarfile, "data_filter"):
+                    tf.extractall(tmp, filter="data")
+                else:  # pragma: no cover - Python < 3.10.12
+                    tf.extractall(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            pass
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"data.root: {archive} is damaged or incomplete ({detail}); copy or download it again") from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -64,58 +79,144 @@ def resolve_split_dir(root: Path, split: str) -> Path:
     raise UserError(f"data: no '{split}' folder under {root} (looked in {root}/{split} and {root}/*/{split})")
 
 
-def list_split(split_dir: Path) -> tuple[list[str], list[str], list[int]]:
-    """Classes (sorted folder names), files (sorted within class) and labels."""
+def list_split(split_dir: Path, allow_empty_classes: bool = False) -> tuple[list[str], list[str], list[int], list[str]]:
+    """Classes (sorted folder names), image files (sorted within class), labels, and the files
+    that were left out because they are not images (by suffix)."""
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if not classes:
         raise UserError(f"data: {split_dir} has no class folders")
-    files, labels = [], []
+    files, labels, not_images = [], [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = sorted(p for p in (split_dir / name).iterdir() if not p.is_dir())
+        found = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+        not_images += [str(p.relative_to(split_dir)) for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if not found and not allow_empty_classes:
+            raise UserError(
+                f"data: class folder {split_dir / name} has no images; remove it, or set data.allow_empty_classes=true "
+                "to keep it as a class the model can predict"
+            )
         files += [str(p.relative_to(split_dir)) for p in found]
         labels += [label] * len(found)
     if not files:
         raise UserError(f"data: {split_dir} has no images")
-    return classes, files, labels
+    return classes, files, labels, not_images
 
 
-def _decode(args: tuple[str, int | None]) -> np.ndarray:
+def files_signature(split_dir: Path, files: list[str]) -> str:
+    """A hash of every file's size and modification time: an edited image changes it."""
+    lines = []
+    for name in files:
+        stat = (split_dir / name).stat()
+        lines.append(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    return hash_items(lines)
+
+
+DECODE_CHUNK = 4096  # images handed to the worker pool at once (bounds the encoded bytes held)
+
+
+def _decode(args: tuple[str | bytes, int | None]) -> tuple[np.ndarray | None, str | None]:
+    """One image (a file path or its encoded bytes) as ``[H, W, 3]`` uint8 at ``size`` if given,
+    or None and what went wrong. Pillow raises many exception types for damaged files --
+    OSError, SyntaxError, ValueError, DecompressionBombError -- so all are caught here and
+    reported with the image's name by the caller."""
     from PIL import Image
 
     path, size = args
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if size is not None:
-            w, h = img.size
-            scale = size / min(w, h)
-            if (w, h) != (size, size):
-                img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    try:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
+            img = img.convert("RGB")
+            if size is not None:
                 w, h = img.size
-                left, top = (w - size) // 2, (h - size) // 2
-                img = img.crop((left, top, left + size, top + size))
-        return np.asarray(img, dtype=np.uint8)
+                scale = size / min(w, h)
+                if (w, h) != (size, size):
+                    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+                    w, h = img.size
+                    left, top = (w - size) // 2, (h - size) // 2
+                    img = img.crop((left, top, left + size, top + size))
+            return np.asarray(img, dtype=np.uint8), None
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        return None, f"{type(err).__name__}: {err}"
 
 
-def decode_files(paths: list[str], size: int | None, out: Path, desc: str) -> None:
-    """Decode all ``paths`` into one ``[N, H, W, 3]`` array saved (atomically) at ``out``."""
-    first = _decode((paths[0], size))
+def skipped_path(out: Path) -> Path:
+    """The list of images a decoded array left out (beside it)."""
+    return out.with_name(out.name.removesuffix(".npy") + ".skipped.json")
+
+
+def decode_files(paths: Sequence[str | bytes], size: int | None, out: Path, desc: str, on_corrupt: str = "error",
+                 names: Sequence[str] | None = None) -> list[int]:
+    """Decode all ``paths`` (file paths or encoded images; any sequence that slices, read
+    :data:`DECODE_CHUNK` at a time) into one ``[N, H, W, 3]`` array saved (atomically) at ``out``.
+
+    An undecodable image is an error naming it (``names[i]``, default the path;
+    ``on_corrupt='error'``) or is left out (``'skip'``: the array holds the others, in order;
+    their names are recorded beside the array and their positions returned). Temporary files
+    are removed on every failure.
+    """
+    names = paths if names is None else names
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}.npy")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *first.shape))
+    compact = out.with_name(out.name + f".tmp{os.getpid()}c.npy")
     workers = max(1, min(len(os.sched_getaffinity(0)), 16))
-    chunksize = max(1, len(paths) // (workers * 16))
-    jobs = [(p, size) for p in paths]
-    with ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 256 else _Inline() as pool:
-        for i, img in enumerate(progress(pool.map(_decode, jobs, chunksize=chunksize), total=len(paths), desc=desc)):
-            if img.shape != first.shape:
+    chunksize = max(1, min(len(paths), DECODE_CHUNK) // (workers * 16))
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 256 else _Inline()
+
+    def decoded():
+        for start in range(0, len(paths), DECODE_CHUNK):
+            jobs = [(p, size) for p in paths[start : start + DECODE_CHUNK]]
+            yield from pool.map(_decode, jobs, chunksize=chunksize)
+
+    bad: list[int] = []
+    array, shape, kept = None, None, 0
+    try:
+        for i, (img, error) in enumerate(progress(decoded(), total=len(paths), desc=desc)):
+            if error is not None:
+                if on_corrupt == "error":
+                    raise UserError(f"data: cannot decode {names[i]} ({error}); replace or delete it, or set data.on_corrupt=skip to leave it out")
+                bad.append(i)
+                continue
+            if array is None:
+                shape = img.shape
+                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *shape))
+            if img.shape != shape:
                 raise UserError(
-                    f"data: images have different sizes ({paths[i]} is {img.shape[1]}x{img.shape[0]}, "
-                    f"{paths[0]} is {first.shape[1]}x{first.shape[0]}); set data.source_size to decode them to one size"
+                    f"data: images have different sizes ({names[i]} is {img.shape[1]}x{img.shape[0]}, "
+                    f"the first is {shape[1]}x{shape[0]}); set data.source_size to decode them to one size"
                 )
-            array[i] = img
-    array.flush()
-    del array
-    os.replace(tmp, out)
+            array[kept] = img
+            kept += 1
+        if array is None:
+            raise UserError(f"data: none of the {len(paths):,} images could be decoded (e.g. {names[bad[0]]})")
+        array.flush()
+        if bad:  # keep the decoded images only: a copy into an array of the right length
+            final = np.lib.format.open_memmap(compact, mode="w+", dtype=np.uint8, shape=(kept, *shape))
+            for first in range(0, kept, 4096):
+                final[first : first + 4096] = array[first : min(first + 4096, kept)]
+            final.flush()
+            del final
+            os.replace(compact, tmp)
+        del array
+        skipped_path(out).write_text(json.dumps({"corrupt": [str(names[i]) for i in bad]}))
+        os.replace(tmp, out)
+    finally:
+        if isinstance(pool, ProcessPoolExecutor):
+            pool.shutdown(wait=True, cancel_futures=True)
+        tmp.unlink(missing_ok=True)
+        compact.unlink(missing_ok=True)
+    return bad
+
+
+def read_skipped(array_path: Path) -> list[str]:
+    """The undecodable images a cached array left out (an older cache without the list: none)."""
+    path = skipped_path(array_path)
+    return json.loads(path.read_text()).get("corrupt", []) if path.is_file() else []
+
+
+def check_skipped(corrupt: list[str], on_corrupt: str) -> None:
+    """A cached result with left-out images does not hide them from a run that wants all."""
+    if corrupt and on_corrupt == "error":
+        more = f" and {len(corrupt) - 1:,} more" if len(corrupt) > 1 else ""
+        raise UserError(f"data: cannot decode {corrupt[0]}{more}; replace or delete them, or set data.on_corrupt=skip to leave them out")
 
 
 def ram_budget() -> int:
@@ -161,22 +262,33 @@ def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSou
             raise UserError(f"data.root: {root} is a file but not a .tar, .tar.gz, .tgz or .zip archive")
         root = unpack_archive(root, cache)
     split_dir = resolve_split_dir(root, split)
-    classes, files, labels = list_split(split_dir)
+    classes, files, labels, not_images = list_split(split_dir, cfg.allow_empty_classes)
     keep = limit_positions(labels, limit)
     files = [files[i] for i in keep]
     labels = [labels[i] for i in keep]
-    items_hash = hash_items([f"{f}\t{y}" for f, y in zip(files, labels)])
-    key = hash_items([items_hash, str(cfg.source_size), str(split_dir.resolve())])[:20]
+    listing = hash_items([f"{f}\t{y}" for f, y in zip(files, labels)])
+    key = hash_items([listing, files_signature(split_dir, files), str(cfg.source_size), str(split_dir.resolve())])[:20]
     array_path = cache / "decoded" / f"{split_dir.parent.name}-{split}-{len(files)}-{key}.npy"
+    paths = [str(split_dir / f) for f in files]
     if not array_path.is_file():
-        paths = [str(split_dir / f) for f in files]
-        decode_files(paths, cfg.source_size, array_path, desc=f"decoding {split_dir.parent.name}/{split}")
+        decode_files(paths, cfg.source_size, array_path, f"decoding {split_dir.parent.name}/{split}", cfg.on_corrupt)
+    corrupt = read_skipped(array_path)
+    check_skipped(corrupt, cfg.on_corrupt)
+    if corrupt:
+        left_out = set(corrupt)
+        kept = [i for i, p in enumerate(paths) if p not in left_out]
+        files, labels = [files[i] for i in kept], [labels[i] for i in kept]
     images, memory_mapped = load_decoded(array_path)
+    skipped = {"not_image": not_images} if not_images else {}
+    if corrupt:
+        skipped["corrupt"] = corrupt
     return ImageSource(
         images=images,
         labels=torch.tensor(labels, dtype=torch.int64),
         classes=classes,
         name=f"imagefolder:{split_dir.parent.name}/{split}",
-        items_hash=items_hash,
+        items_hash=hash_items([f"{f}\t{y}" for f, y in zip(files, labels)]),
         memory_mapped=memory_mapped,
+        skipped=skipped,
     )
+

@@ -1,15 +1,15 @@
 """A split of a dataset, decoded once into uint8 arrays; sample ``i`` has stable index ``i``.
 
 The index is the sample's position in the split's sorted file list (ImageFolder) or in the
-dataset's own order (CIFAR, digits), never a position in a shuffled order: replayable views,
-teacher stores and label maps are keyed by it.
+dataset's own order (CIFAR, digits, Hugging Face datasets), never a position in a shuffled
+order: replayable views, teacher stores and label maps are keyed by it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ class ImageSource:
     name: str  # e.g. "imagefolder:cifar10/train"
     items_hash: str  # hash of the ordered sample list (file names + labels)
     memory_mapped: bool = False  # images read from disk on demand (larger than the RAM budget)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> files left out (not_image, corrupt)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -92,6 +93,10 @@ def open_source(cfg: DataConfig, split: str, limit: int | None = None) -> ImageS
         from .imagefolder import open_imagefolder
 
         return open_imagefolder(cfg, split, limit)
+    if cfg.source == "hf":
+        from .hf import open_hf
+
+        return open_hf(cfg, split, limit)
     if cfg.source == "digits":
         from .builtin import open_digits
 

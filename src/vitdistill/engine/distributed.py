@@ -24,12 +24,26 @@ class DistEnv:
 
 
 def resolve_device(setting: str) -> torch.device:
+    """The device of ``engine.device`` (``auto``: CUDA when available); every entry point (train,
+    eval, cache, labelmaps, verify, analyze, benchmarks) comes through here, so the CUDA math
+    settings are made here, once."""
     if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"engine.device: {setting} was asked for, but CUDA is not available")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(setting)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"engine.device: {setting} was asked for, but CUDA is not available")
+    if device.type == "cuda":
+        use_fast_cuda_math()
     return device
+
+
+def use_fast_cuda_math() -> None:
+    """TF32 matmuls and convolutions (fp32 parts of bf16 runs; 10-bit mantissa, as timm's
+    training scripts) and cuDNN autotuning for fixed input shapes."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
 
 
 def setup_distributed(device_setting: str) -> DistEnv:

@@ -25,7 +25,7 @@ def evaluate(model: nn.Module, views: Augmenter, batch_size: int, env: DistEnv, 
     counts: dict[str, torch.Tensor] = {}
     loss_sum = torch.zeros((), device=env.device)
     seen = torch.zeros((), device=env.device)
-    batches = eval_batches(len(views.source), batch_size, env.rank, env.world)
+    batches = eval_batches(len(views.source), batch_size, env.rank, env.world, views.images.device)  # where the pixels are read
     for index in progress(batches, desc="evaluating", enabled=show_progress and env.is_main):
         batch = views.eval_batch(index)
         with autocast(env.device, precision):

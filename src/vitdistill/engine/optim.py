@@ -7,7 +7,20 @@ from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_grou
 from timm.scheduler import CosineLRScheduler
 
 from ..config import OptimConfig
-from ..errors import UserError
+from ..config.schema import register_recipe_check
+from ..errors import ConfigError, UserError
+
+
+@register_recipe_check
+def check_optimizer(cfg) -> None:
+    """``optim.opt`` is an optimizer timm can build (``lookahead_`` prefixes allowed)."""
+    try:
+        from timm.optim import list_optimizers
+    except ImportError:  # pragma: no cover - timm < 1.0.12 has no registry to ask
+        return
+    name = cfg.optim.opt.lower()
+    if name.removeprefix("lookahead_") not in list_optimizers():
+        raise ConfigError("optim.opt", f"unknown optimizer {cfg.optim.opt!r} (e.g. adamw, sgd, lamb, lion; all: timm.optim.list_optimizers())")
 
 
 def scaled_lr(cfg: OptimConfig) -> float:
@@ -38,10 +51,19 @@ def build_optimizer(backbone: nn.Module, extra: list[nn.Parameter], cfg: OptimCo
     return create_optimizer_v2(groups, opt=cfg.opt, lr=scaled_lr(cfg), weight_decay=cfg.weight_decay, foreach=True)
 
 
-def build_scheduler(optimizer, cfg: OptimConfig, steps_per_epoch: int) -> CosineLRScheduler:
-    """Linear warmup for ``warmup_epochs``, then cosine to ``min_lr``; stepped every update."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+def build_scheduler(optimizer, cfg: OptimConfig, steps_per_epoch: int, total_steps: int | None = None) -> CosineLRScheduler:
+    """Linear warmup for ``warmup_epochs``, then cosine to ``min_lr``; stepped every update.
+
+    ``total_steps`` (a time-budgeted schedule) compresses the same shape into that many steps:
+    warmup keeps its fraction ``warmup_epochs / epochs`` of the schedule.
+    """
+    full = cfg.epochs * steps_per_epoch
+    total = full if total_steps is None else max(1, total_steps)
+    if total == full:
+        warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    else:
+        warmup = min(int(cfg.warmup_epochs / cfg.epochs * total), total - 1)
+    warmup = max(warmup, 0)
     return CosineLRScheduler(
         optimizer,
         t_initial=max(1, total - warmup),

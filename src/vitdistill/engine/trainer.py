@@ -18,7 +18,6 @@ from torch.nn.parallel import DistributedDataParallel
 from ..augment import Augmenter, ViewBatch
 from ..config import RunConfig, to_dict
 from ..data import steps_per_epoch, train_batches
-from ..errors import UserError
 from ..models import VisionModel, export_model
 from ..objective import Objective
 from ..progress import progress_bar
@@ -27,10 +26,18 @@ from ..targets import TeacherPrediction
 from .checkpoint import CHECKPOINT_FORMAT, save_atomic
 from .distributed import DistEnv, all_reduce_sum, autocast, barrier
 from .evaluate import evaluate
+from .budget import BudgetClock, BudgetPlan, parse_duration, plan_steps
+from .guard import FiniteGuard, check_finite_state
 from .metrics import MetricsLog, format_duration
 from .optim import build_optimizer, build_scheduler
 
 TeacherFn = Callable[[ViewBatch], TeacherPrediction]
+EXPORT_RESERVE_S = 1.0  # a budgeted run keeps this for writing model.safetensors at the end
+
+
+def sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class TrainStep(nn.Module):
@@ -60,6 +67,7 @@ class Trainer:
         teacher: TeacherFn | None,
         env: DistEnv,
         output: Path,
+        clock_start: float | None = None,
     ):
         self.cfg, self.env, self.output = cfg, env, output
         self.model = model.to(env.device)
@@ -80,6 +88,15 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=cfg.engine.ema_decay)
+        self.guard = FiniteGuard(cfg.engine.nan_policy, cfg.engine.max_skipped_steps, env)
+        # The schedule's length in steps: optim.epochs, or what fits in optim.budget (planned
+        # after measuring the first steps; see engine.budget).
+        self.total_steps = cfg.optim.epochs * self.steps
+        self.budget = None
+        if cfg.optim.budget is not None:
+            start = clock_start if clock_start is not None else time.perf_counter()
+            self.budget = BudgetClock(parse_duration(cfg.optim.budget), start, lambda: sync_device(env.device))
+        self.last_eval_s = self.last_checkpoint_s = None
         self.num_updates = 0
         self.start_epoch = 0
         self.history: list[dict] = []
@@ -97,10 +114,12 @@ class Trainer:
             "config": to_dict(self.cfg),
             "spec": self.model.spec.to_json(),
             "history": self.history,
+            "budget_plan": self.budget.plan.to_dict() if self.budget is not None and self.budget.plan is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        check_finite_state(state["epoch"], self.model)  # a checkpoint written before the guard existed
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state.get("ema") is not None:
@@ -108,31 +127,40 @@ class Trainer:
         self.num_updates = state["num_updates"]
         self.start_epoch = state["epoch"]
         self.history = list(state["history"])
+        if self.budget is not None and state.get("budget_plan") is not None:  # a budgeted run keeps its plan
+            self.apply_plan(BudgetPlan(**state["budget_plan"]), announce=False)
         self.scheduler.step_update(self.num_updates)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
         cfg, env = self.cfg, self.env
-        epochs = cfg.optim.epochs
         log = MetricsLog(self.output, cfg.engine.tensorboard, self.start_epoch) if env.is_main else None
-        bar = progress_bar(epochs * self.steps, self.start_epoch * self.steps, cfg.name, cfg.engine.progress and env.is_main)
+        bar = progress_bar(self.total_steps, self.start_epoch * self.steps, cfg.name, cfg.engine.progress and env.is_main)
+        epoch = self.start_epoch
         try:
-            for epoch in range(self.start_epoch, epochs):
-                bar.set_description_str(f"{cfg.name} {epoch + 1}/{epochs}")
+            while epoch * self.steps < self.total_steps:  # a budgeted schedule may end inside an epoch
+                bar.set_description_str(f"{cfg.name} {epoch + 1}/{self.epochs}")
                 row = {"epoch": epoch + 1, **self.train_epoch(epoch, bar)}
-                if (epoch + 1) % cfg.engine.eval_every == 0 or epoch + 1 == epochs:
+                # Nothing non-finite is ever saved: the previous checkpoint stays the last good one.
+                check_finite_state(epoch, self.model, self.objective, self.ema)
+                last = (epoch + 1) * self.steps >= self.total_steps
+                if (epoch + 1) % cfg.engine.eval_every == 0 or last:
+                    began = time.perf_counter()
                     row.update(self.evaluate_all())
+                    self.last_eval_s = time.perf_counter() - began
                 self.history.append(row)
                 if env.is_main:
+                    began = time.perf_counter()
                     save_atomic(self.state_dict(epoch + 1), self.output / "checkpoint.pt")
+                    self.last_checkpoint_s = time.perf_counter() - began
                     log.write(self.history)
-                    bar.write(epoch_line(row, epochs))
+                    bar.write(epoch_line(row, self.epochs))
                 barrier(env)
-                if not math.isfinite(row["train_loss"]):
-                    raise UserError(
-                        f"training diverged in epoch {epoch + 1} (loss {row['train_loss']}); "
-                        "the last checkpoint is kept; try a lower optim.lr or set optim.clip_grad"
-                    )
+                if self.budget is not None and self.budget.plan is None and not last:
+                    # the first epoch ended before the measuring window: plan from what it saw
+                    step_s = self.budget.partial_rate((epoch + 1) * self.steps) or row["train_time_s"] / max(self.steps, 1)
+                    self.make_plan((epoch + 1) * self.steps, step_s, bar)
+                epoch += 1
         finally:
             bar.close()
             if log is not None:
@@ -143,6 +171,59 @@ class Trainer:
                 export_model(self.ema.module, self.output / "model_ema.safetensors")
         return self.history
 
+    @property
+    def epochs(self) -> int:
+        """Epochs of the schedule (with a budget: as planned; the last may be partial)."""
+        return -(-self.total_steps // self.steps)
+
+    # ---------------------------------------------------------------- time budget
+    def make_plan(self, steps_done: int, step_s: float, bar) -> None:
+        """Fix the schedule's length from the measured step time and the cost of an evaluation
+        and a checkpoint (measured now if no epoch has ended yet)."""
+        eval_s, checkpoint_s = self.last_eval_s, self.last_checkpoint_s
+        if eval_s is None or checkpoint_s is None:
+            eval_s, checkpoint_s = self.probe_costs(steps_done // self.steps)
+        measured = torch.tensor([step_s, eval_s, checkpoint_s, self.budget.elapsed()], dtype=torch.float64, device=self.env.device)
+        if self.env.world > 1:  # every process plans the same schedule
+            torch.distributed.all_reduce(measured, op=torch.distributed.ReduceOp.MAX)
+        step_s, eval_s, checkpoint_s, elapsed = measured.tolist()
+        plan = plan_steps(self.budget.budget_s, elapsed, steps_done, step_s, eval_s, checkpoint_s, self.steps, self.cfg.engine.eval_every,
+                          self.cfg.optim.epochs * self.steps, reserve_s=EXPORT_RESERVE_S)
+        self.apply_plan(plan)
+        bar.total = plan.total_steps
+        bar.refresh()
+
+    def probe_costs(self, epoch: int) -> tuple[float, float]:
+        """Seconds of one evaluation and one checkpoint write, measured (evaluated twice when
+        compiled: the first includes compiling the evaluation graph)."""
+        for _ in range(2 if self.cfg.engine.compile else 1):
+            began = time.perf_counter()
+            self.evaluate_all()
+            eval_s = time.perf_counter() - began
+        checkpoint_s = 0.0
+        if self.env.is_main:
+            probe = self.output / "checkpoint.probe"
+            began = time.perf_counter()
+            save_atomic(self.state_dict(epoch), probe)
+            checkpoint_s = time.perf_counter() - began
+            probe.unlink(missing_ok=True)
+        self.step_module.train()
+        return eval_s, checkpoint_s
+
+    def apply_plan(self, plan: BudgetPlan, announce: bool = True) -> None:
+        self.budget.plan = plan
+        self.total_steps = plan.total_steps
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.steps, total_steps=plan.total_steps)
+        self.scheduler.step_update(self.num_updates)
+        if announce and self.env.is_main:
+            limit = " (optim.epochs is the limit)" if plan.capped_by_epochs else ""
+            print(
+                f"vitdistill: budget {format_duration(plan.budget_s)}: {1000 * plan.step_s:.1f} ms/step, {plan.eval_s:.2f} s/evaluation, "
+                f"{plan.checkpoint_s:.2f} s/checkpoint -> {plan.total_steps:,} steps ({plan.total_steps / self.steps:.1f} epochs){limit}, "
+                f"planned to end at {format_duration(plan.planned_end_s)}",
+                flush=True,
+            )
+
     def train_epoch(self, epoch: int, bar) -> dict[str, float]:
         cfg, env = self.cfg, self.env
         self.step_module.train()
@@ -151,36 +232,63 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank, "torch"))
         batches = train_batches(len(self.train_views.source), cfg.optim.batch_size, self.train_views.rng, epoch, env.rank, env.world)
         sums: dict[str, torch.Tensor] = {}
-        images = 0
+        images, updates = 0, 0
+        guard = self.guard
+        guard.start_epoch()
         start = time.perf_counter()
+        first = epoch * self.steps
         for step, batch in enumerate(self.train_views.train_batches(batches, epoch)):
-            loss, parts = self.train_step(batch)
-            for key, value in {"loss": loss, **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value.float()
+            if first + step >= self.total_steps:
+                break
+            result = self.train_step(batch, epoch, step)
             images += len(batch)
             bar.update(1)
-            if step % 25 == 0 or step == len(batches) - 1:
+            if result is not None:  # None: a skipped update (engine.nan_policy=skip_step)
+                loss, parts = result
+                guard.record(loss, step)
+                for key, value in {"loss": loss, **parts}.items():
+                    sums[key] = sums.get(key, 0.0) + value.float()
+                updates += 1
+            if self.budget is not None and self.budget.plan is None:
+                step_s = self.budget.measure(first + step + 1)
+                if step_s is not None:
+                    self.make_plan(first + step + 1, step_s, bar)
+            last_step = step == len(batches) - 1 or first + step + 1 >= self.total_steps
+            if step % 25 == 0 or last_step:
+                guard.check(epoch)  # reads the device-side flag where the loop synchronises anyway
+                if self.budget is not None and self.budget.out_of_time(self.finish_reserve()):
+                    self.total_steps = first + step + 1  # the rate did not hold: end the schedule here
+                    self.budget.cut_short = True
                 rate = images * env.world / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"loss {float(sums['loss']) / (step + 1):.4f}  lr {self.lr:.2e}  {rate:,.0f} img/s")
-        if env.device.type == "cuda":
-            torch.cuda.synchronize(env.device)
+                mean = float(sums["loss"]) / max(updates, 1) if sums else float("nan")
+                bar.set_postfix_str(f"loss {mean:.4f}  lr {self.lr:.2e}  {rate:,.0f} img/s")
+        sync_device(env.device)
         elapsed = time.perf_counter() - start
         names = list(sums)
-        means = all_reduce_sum(torch.stack([sums[k] for k in names]), env) / (len(batches) * env.world)
+        means = all_reduce_sum(torch.stack([sums[k] for k in names]), env) / (max(updates, 1) * env.world) if names else torch.zeros(0)
         stats = {f"train_{k}": v for k, v in zip(names, means.tolist())}
         stats.update(lr=self.lr, train_time_s=elapsed, train_img_per_s=images * env.world / elapsed)
+        if cfg.engine.nan_policy == "skip_step":
+            stats["train_skipped_steps"] = guard.skipped
         return stats
 
-    def train_step(self, batch: ViewBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def train_step(self, batch: ViewBatch, epoch: int = 0, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """One update on one batch of views: teacher, forward, objective, backward, step, EMA.
-        Returns the (detached) total loss and each term's value."""
+        Returns the (detached) total loss and each term's value, or None when the update was
+        skipped for a non-finite loss or gradient (``engine.nan_policy: skip_step``)."""
         cfg = self.cfg
         with autocast(self.env.device, cfg.engine.precision):
             prediction = self.teacher(batch) if self.teacher is not None else None
             loss, parts = self.ddp(batch, prediction)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.optim.clip_grad is not None:
+        if cfg.engine.nan_policy == "skip_step":
+            max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else math.inf
+            norm = nn.utils.clip_grad_norm_(self.step_module.parameters(), max_norm)
+            if self.guard.skip_update(loss, norm, epoch, step):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+        elif cfg.optim.clip_grad is not None:
             nn.utils.clip_grad_norm_(self.step_module.parameters(), cfg.optim.clip_grad)
         self.optimizer.step()
         self.num_updates += 1
@@ -188,6 +296,11 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, step=self.num_updates)
         return loss.detach(), parts
+
+    def finish_reserve(self) -> float:
+        """Seconds a budgeted run keeps for its end: a last evaluation, checkpoint and export."""
+        plan = self.budget.plan if self.budget is not None else None
+        return EXPORT_RESERVE_S + (plan.eval_s + plan.checkpoint_s if plan is not None else 0.0)
 
     @property
     def lr(self) -> float:

@@ -25,6 +25,7 @@ import torch
 
 from ..augment.geometry import full_boxes, render
 from ..config import RunConfig
+from ..config.paths import with_absolute_paths
 from ..data import ImageSource
 from ..engine.distributed import autocast, resolve_device
 from ..errors import UserError
@@ -90,6 +91,7 @@ def whole_image_scores(teacher: OnlineTeacher, source: ImageSource, index: torch
 
 def write_label_maps(cfg: RunConfig) -> Path:
     """Compute and store the label maps of every training image (``cfg.labelmaps``)."""
+    cfg = with_absolute_paths(cfg)
     device = resolve_device(cfg.engine.device)
     folder, source, teacher, precision = prepare_teacher_run(cfg, cfg.labelmaps.path, "labelmaps.path", device)
     k = min(cfg.labelmaps.k, source.num_classes)
@@ -98,17 +100,21 @@ def write_label_maps(cfg: RunConfig) -> Path:
     dtype = map_dtype(k, grid[0], grid[1], source.num_classes)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (RECORDS + ".tmp")
-    records = np.memmap(tmp, dtype=dtype, mode="w+", shape=(len(source),))
-    batch = cfg.labelmaps.batch_size or cfg.optim.batch_size
-    starts = range(0, len(source), batch)
-    for first in progress(starts, total=len(starts), desc=f"label maps {folder.name}", enabled=cfg.engine.progress):
-        index = torch.arange(first, min(first + batch, len(source)))
-        scores, ids = whole_image_scores(teacher, source, index, cfg.data.mean, cfg.data.std, device, precision).topk(k, dim=1)
-        records["ids"][first : first + len(index)] = ids.permute(0, 2, 3, 1).to(torch.int32).cpu().numpy()
-        records["scores"][first : first + len(index)] = scores.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
-    records.flush()
-    del records
-    os.replace(tmp, folder / RECORDS)
+    (folder / MANIFEST).unlink(missing_ok=True)  # old maps, if any, are no longer described
+    try:
+        records = np.memmap(tmp, dtype=dtype, mode="w+", shape=(len(source),))
+        batch = cfg.labelmaps.batch_size or cfg.optim.batch_size
+        starts = range(0, len(source), batch)
+        for first in progress(starts, total=len(starts), desc=f"label maps {folder.name}", enabled=cfg.engine.progress):
+            index = torch.arange(first, min(first + batch, len(source)))
+            scores, ids = whole_image_scores(teacher, source, index, cfg.data.mean, cfg.data.std, device, precision).topk(k, dim=1)
+            records["ids"][first : first + len(index)] = ids.permute(0, 2, 3, 1).to(torch.int32).cpu().numpy()
+            records["scores"][first : first + len(index)] = scores.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
+        records.flush()
+        del records
+        os.replace(tmp, folder / RECORDS)
+    finally:
+        tmp.unlink(missing_ok=True)
     manifest = LabelMapManifest(
         k=k,
         grid=grid,

@@ -36,8 +36,9 @@ def pool_tokens(dense: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, s
     """Pool ``[B, C, h, w]`` maps over each crop box (source pixels) to ``grid`` tokens and to one
     value for the whole crop: ``([B, gh * gw, C], [B, C])`` in raster order, flips applied."""
     b, _, h, w = dense.shape
-    scale = boxes.new_tensor([w / source_size[1], h / source_size[0], w / source_size[1], h / source_size[0]])
-    rois = torch.cat([torch.arange(b, device=dense.device, dtype=dense.dtype)[:, None], (boxes * scale).to(dense.dtype)], dim=1)
+    sx, sy = w / source_size[1], h / source_size[0]  # Python scales: no host-to-device copy
+    scaled = torch.stack([boxes[:, 0] * sx, boxes[:, 1] * sy, boxes[:, 2] * sx, boxes[:, 3] * sy], dim=1)
+    rois = torch.cat([torch.arange(b, device=dense.device, dtype=dense.dtype)[:, None], scaled.to(dense.dtype)], dim=1)
     tokens = roi_align(dense, rois, output_size=tuple(grid), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     crop = roi_align(dense, rois, output_size=(1, 1), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     tokens = torch.where(flips[:, None, None, None], tokens.flip(-1), tokens)

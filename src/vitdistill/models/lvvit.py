@@ -37,19 +37,33 @@ Differences from the reference: ``forward`` returns the class head's logits only
 and evaluation (the reference's eval forward adds ``0.5 * aux_head(tokens).max(1)``, and its
 training forward does MixToken itself); dropout arguments follow timm's ViT (``drop_rate`` is
 the classifier dropout, ``pos_drop_rate``/``proj_drop_rate``/``attn_drop_rate`` the others, where
-the reference's one ``drop_rate`` is position + projection dropout); the input must have the
-model's ``img_size`` (no dynamic resizing).
+the reference's one ``drop_rate`` is position + projection dropout).
+
+Input size: like timm's ViT, the input must have the model's ``img_size`` unless the model is built
+with ``dynamic_img_size=True``; then ``patch_embed`` returns an ``[B, H, W, D]`` grid and the
+position embedding is resampled (bicubic, timm's ``resample_abs_pos_embed``) to the input's grid.
+
+timm's model contract: each model is registered with a complete ``pretrained_cfg``
+(``generate_default_cfgs``, no weights: ``pretrained=True`` needs
+``pretrained_cfg_overlay=dict(file=...)``) and built by ``build_model_with_cfg``, so
+``features_only=True`` (timm's ``FeatureGetterNet`` over ``forward_intermediates``),
+``set_grad_checkpointing``, torch.fx tracing and TorchScript work as for timm's own ViTs.
+Because ``forward`` does not use ``aux_head``, timm's generic backward test (every parameter gets
+a gradient from ``forward``) fails on the default models, and DDP outside vitdistill would need
+``find_unused_parameters``; ``aux_head=False`` builds the inference model without it, which is
+what ``vitdistill export`` writes.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
+from typing import Final
 
 import torch
-from timm.layers import Attention, DropPath, Mlp, to_2tuple, trunc_normal_
-from timm.models import register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, _assert, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models.vision_transformer import Attention  # here in every timm 1.0.x (timm.layers only from 1.0.16)
 from torch import nn
 
 
@@ -63,10 +77,17 @@ def _pair_even(value, name: str) -> tuple[int, int]:
 class ConvPatchEmbed(nn.Module):
     """The reference's ``PatchEmbed4_2``: ``conv7x7/2-BN-ReLU, [conv3x3-BN-ReLU] x 2`` at
     ``stem_width`` channels, then a ``patch_size/2`` convolution (kernel = stride) to ``embed_dim``.
-    Total stride ``patch_size``. Returns ``[B, N, D]`` tokens in raster order."""
+    Total stride ``patch_size``. Returns ``[B, N, D]`` tokens in raster order, or the ``[B, H, W, D]``
+    grid with ``dynamic_img_size`` (then any input size is accepted, as timm's ``PatchEmbed``)."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, stem_width: int = 64):
+    dynamic_img_size: Final[bool]
+
+    def __init__(
+        self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, stem_width: int = 64, dynamic_img_size: bool = False
+    ):
         super().__init__()
+        self.dynamic_img_size = dynamic_img_size
+        self.strict_img_size = not dynamic_img_size  # read by timm (fixed-size trait)
         self.patch_size = _pair_even(patch_size, "patch_size")
         self.img_size = tuple(int(v) for v in to_2tuple(img_size))
         half = (self.patch_size[0] // 2, self.patch_size[1] // 2)
@@ -92,12 +113,17 @@ class ConvPatchEmbed(nn.Module):
         return tuple(((s + 1) // 2) // (p // 2) for s, p in zip(img_size, self.patch_size))  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"LV-ViT: input size {tuple(x.shape[-2:])} differs from the model's img_size {self.img_size}")
+        if not self.dynamic_img_size:  # timm's _assert: traceable by torch.fx, scriptable
+            H, W = x.shape[-2], x.shape[-1]
+            _assert(H == self.img_size[0], f"LV-ViT: input height {H} differs from the model's img_size {self.img_size} (or use dynamic_img_size=True)")
+            _assert(W == self.img_size[1], f"LV-ViT: input width {W} differs from the model's img_size {self.img_size} (or use dynamic_img_size=True)")
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.relu(self.bn3(self.conv3(x)))
-        return self.proj(x).flatten(2).transpose(1, 2)
+        x = self.proj(x)
+        if self.dynamic_img_size:
+            return x.permute(0, 2, 3, 1)  # NHWC, as timm's PatchEmbed with dynamic_img_size
+        return x.flatten(2).transpose(1, 2)
 
 
 class LVViTBlock(nn.Module):
@@ -135,6 +161,8 @@ class LVViT(nn.Module):
     """LV-ViT with timm's ViT interface (``blocks``, ``num_prefix_tokens``, ``forward_features``,
     ``forward_head``, ``forward_intermediates``, ``group_matcher``...). See the module docstring."""
 
+    dynamic_img_size: Final[bool]
+
     def __init__(
         self,
         img_size=224,
@@ -155,6 +183,8 @@ class LVViT(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         norm_layer: Callable[[int], nn.Module] | None = None,
+        dynamic_img_size: bool = False,
+        aux_head: bool = True,
     ):
         super().__init__()
         if global_pool not in ("", "token", "avg"):
@@ -169,8 +199,9 @@ class LVViT(nn.Module):
         self.has_class_token = True
         self.skip_lam = skip_lam
         self.grad_checkpointing = False
+        self.dynamic_img_size = dynamic_img_size
 
-        self.patch_embed = ConvPatchEmbed(img_size, patch_size, in_chans, embed_dim, stem_width)
+        self.patch_embed = ConvPatchEmbed(img_size, patch_size, in_chans, embed_dim, stem_width, dynamic_img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -184,22 +215,17 @@ class LVViT(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # The per-token head (token labeling) is not used by forward; aux_head=False leaves it out
+        # (what an export for inference holds: timm then finds every parameter used).
+        self.aux_head = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if aux_head else None
+
+        # timm's feature metadata: every block's output, at the patch grid's stride
+        reduction = self.patch_embed.feat_ratio()
+        self.feature_info = [{"module": f"blocks.{i}", "num_chs": embed_dim, "reduction": reduction} for i in range(depth)]
 
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
-        h, w = self.patch_embed.img_size
-        self.pretrained_cfg = self.default_cfg = {
-            "num_classes": num_classes,
-            "input_size": (in_chans, h, w),
-            "interpolation": "bicubic",
-            "crop_pct": 0.9,
-            "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225),
-            "first_conv": "patch_embed.conv1",
-            "classifier": "head",
-        }
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -235,16 +261,23 @@ class LVViT(nn.Module):
             self.global_pool = global_pool
         self.num_classes = num_classes
         ref = self.cls_token
-        for name in ("head", "aux_head"):
+        for name in ("head", "aux_head") if self.aux_head is not None else ("head",):
             layer = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
             if isinstance(layer, nn.Linear):
                 self._init_weights(layer)
             setattr(self, name, layer.train(self.training))
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, N, D]`` patch tokens -> ``[B, 1 + N, D]``: class token first, plus position embedding."""
+        """``[B, N, D]`` patch tokens (or an ``[B, H, W, D]`` grid, ``dynamic_img_size``) ->
+        ``[B, 1 + N, D]``: class token first, plus position embedding (resampled to the grid)."""
+        if self.dynamic_img_size:  # a Python flag, not a tensor property: torch.fx can trace it
+            B, H, W, C = x.shape
+            pos_embed = resample_abs_pos_embed(self.pos_embed, new_size=[H, W], old_size=list(self.patch_embed.grid_size), num_prefix_tokens=1)
+            x = x.reshape(B, H * W, C)
+        else:
+            pos_embed = self.pos_embed
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + pos_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> final normalised tokens ``[B, 1 + N, D]`` (class token first)."""
@@ -286,19 +319,19 @@ class LVViT(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0]
+        B, _, height, width = x.shape
         x = self._pos_embed(self.patch_embed(x))
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         intermediates = []
         for i, block in enumerate(blocks):
-            x = block(x)
+            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
         n = self.num_prefix_tokens
         prefix = [y[:, :n] for y in intermediates]
         intermediates = [y[:, n:] for y in intermediates]
         if output_fmt == "NCHW":
-            H, W = self.patch_embed.grid_size
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
             intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         if output_dict:
             out = {"image_intermediates": intermediates}
@@ -323,19 +356,67 @@ class LVViT(nn.Module):
         return take_indices
 
 
-def _create(pretrained: bool = False, **kwargs) -> LVViT:
-    if pretrained:
-        raise ValueError("LV-ViT models here have no pretrained weights (build with pretrained=False; load a state dict yourself)")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return LVViT(**kwargs)
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LVViT) -> dict[str, torch.Tensor]:
+    """Weights for ``model`` from a state dict trained at another input or patch grid: the position
+    embedding is resampled to the model's grid (as timm does for its ViTs); the reference's
+    checkpoints (``model`` / ``state_dict`` entries) are unwrapped."""
+    for entry in ("model", "state_dict"):
+        if isinstance(state_dict.get(entry), dict):
+            state_dict = state_dict[entry]
+    if model.aux_head is None:  # an inference-only model: the per-token head stays behind
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("aux_head.")}
+    pos = state_dict.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape:
+        state_dict = dict(state_dict)
+        state_dict["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=1)
+    return state_dict
+
+
+def _cfg(**kwargs) -> dict:
+    """Every key timm's pretrained configs carry. No weights are published: ``url`` is empty, so
+    ``pretrained=True`` needs ``pretrained_cfg_overlay=dict(file=...)`` or a local-dir export."""
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,  # a ViT: features are tokens, not a pooled grid
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,  # unless built with dynamic_img_size=True
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.conv1",
+        "classifier": ("head", "aux_head"),  # both classify: both are reset for another class count
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2104.10858",
+        "paper_name": "All Tokens Matter: Token Labeling for Training Better Vision Transformers",
+        "origin_url": "https://github.com/zihangJiang/TokenLabeling",
+        **kwargs,
+    }
+
+
+# Read by timm's register_model (below) from this module: the models' pretrained_cfg.
+default_cfgs = generate_default_cfgs({"lvvit_tiny": _cfg(), "lvvit_small": _cfg(), "lvvit_medium": _cfg()})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> LVViT:
+    """timm's builder: pretrained_cfg, weights from a file when asked, ``features_only`` wrapper."""
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        LVViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
+        **kwargs,
+    )
 
 
 @register_model
 def lvvit_tiny(pretrained=False, **kwargs) -> LVViT:
     """LV-ViT-T: 12 blocks x 240, 4 heads, skip_lam 1 (8.53M parameters at 224, 1000 classes)."""
     return _create(
-        pretrained, **{"patch_size": 16, "embed_dim": 240, "depth": 12, "num_heads": 4, "mlp_ratio": 3.0, "skip_lam": 1.0, **kwargs}
+        "lvvit_tiny", pretrained, **{"patch_size": 16, "embed_dim": 240, "depth": 12, "num_heads": 4, "mlp_ratio": 3.0, "skip_lam": 1.0, **kwargs}
     )
 
 
@@ -343,7 +424,7 @@ def lvvit_tiny(pretrained=False, **kwargs) -> LVViT:
 def lvvit_small(pretrained=False, **kwargs) -> LVViT:
     """LV-ViT-S: 16 blocks x 384, 6 heads, skip_lam 2 (26.15M parameters)."""
     return _create(
-        pretrained, **{"patch_size": 16, "embed_dim": 384, "depth": 16, "num_heads": 6, "mlp_ratio": 3.0, "skip_lam": 2.0, **kwargs}
+        "lvvit_small", pretrained, **{"patch_size": 16, "embed_dim": 384, "depth": 16, "num_heads": 6, "mlp_ratio": 3.0, "skip_lam": 2.0, **kwargs}
     )
 
 
@@ -351,5 +432,5 @@ def lvvit_small(pretrained=False, **kwargs) -> LVViT:
 def lvvit_medium(pretrained=False, **kwargs) -> LVViT:
     """LV-ViT-M: 20 blocks x 512, 8 heads, skip_lam 2 (55.83M parameters)."""
     return _create(
-        pretrained, **{"patch_size": 16, "embed_dim": 512, "depth": 20, "num_heads": 8, "mlp_ratio": 3.0, "skip_lam": 2.0, **kwargs}
+        "lvvit_medium", pretrained, **{"patch_size": 16, "embed_dim": 512, "depth": 20, "num_heads": 8, "mlp_ratio": 3.0, "skip_lam": 2.0, **kwargs}
     )

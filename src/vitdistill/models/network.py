@@ -7,23 +7,30 @@ rebuild it (architecture, class names, input size, normalisation).
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+import pickle
+import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import UserError
+from ..config.schema import register_recipe_check
+from ..errors import ConfigError, UserError, short_reason
 from . import convnet, lvvit  # noqa: F401  (register our CNNs and LV-ViT in timm)
 from .adapt import adapt_kwargs
 from .output import ModelOutput, TokenMix
 from .relpos import per_block_rel_pos_bias
-from .stems import use_small_input_stem
+from .stems import SMALL_STEM
 
 SPEC_KEY = "vitdistill"
 EXTRA_PREFIX = "_vitdistill."  # keys of weights that are not the timm model's (e.g. our token head)
@@ -88,14 +95,14 @@ class VisionModel(nn.Module):
         self.capture_blocks: tuple[int, ...] = ()
         self.bn_frozen = False
         self.token_head = None
-        if spec.token_head and not hasattr(backbone, "aux_head"):
+        if spec.token_head and getattr(backbone, "aux_head", None) is None:
             if not self.is_vit:
                 raise UserError(f"model.token_head: {spec.name} has no patch tokens")
             self.token_head = nn.Linear(backbone.num_features, spec.num_classes)
 
     @property
     def has_token_logits(self) -> bool:
-        return self.token_head is not None or hasattr(self.backbone, "aux_head")
+        return self.token_head is not None or getattr(self.backbone, "aux_head", None) is not None
 
     def capture(self, blocks: set[int]) -> None:
         """Also return the patch tokens output by these blocks (negative: from the end)."""
@@ -116,9 +123,12 @@ class VisionModel(nn.Module):
         ``forward_features`` when nothing is mixed."""
         net = self.backbone
         t = net.patch_embed(x)
-        if t.dim() == 4:  # NHWC patch grids (dynamic_img_size models)
+        if t.dim() == 4:  # NHWC patch grids (dynamic_img_size models): mix in raster order, keep the grid
+            grid = t
             t = t.flatten(1, 2)
-        t = torch.where(mix.mask[..., None], t[mix.partner], t)
+            t = torch.where(mix.mask[..., None], t[mix.partner], t).view_as(grid)
+        else:
+            t = torch.where(mix.mask[..., None], t[mix.partner], t)
         t = net._pos_embed(t)
         t = getattr(net, "patch_drop", nn.Identity())(t)
         t = getattr(net, "norm_pre", nn.Identity())(t)
@@ -208,19 +218,49 @@ class VisionModel(nn.Module):
         return {f"backbone.{n}" for n in inner()} if inner else set()
 
 
+@register_recipe_check
+def check_model_names(cfg) -> None:
+    """``model.name`` and ``teacher.name`` are models timm (with ours registered) can build."""
+    names = [("model.name", cfg.model.name)]
+    if cfg.teacher is not None and cfg.teacher.name is not None:
+        names.append(("teacher.name", cfg.teacher.name))
+    for key, name in names:
+        if not timm.is_model(name):
+            close = timm.list_models(f"{name[: max(3, len(name) - 2)]}*")[:3] or difflib.get_close_matches(name, timm.list_models(), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(key, f"unknown timm model {name!r}{hint} (see timm.list_models())")
+
+
 def create_backbone(spec: ModelSpec, drop_path: float = 0.0) -> nn.Module:
     kwargs = dict(spec.kwargs)
     if drop_path > 0:
         kwargs["drop_path_rate"] = drop_path
     if not timm.is_model(spec.name):
         raise UserError(f"model: unknown timm model {spec.name!r} (see timm.list_models())")
+    name = spec.name
+    if spec.small_input_stem:  # the base model with our stem, registered in timm (same weight names)
+        name, kwargs = SMALL_STEM, {"base": spec.name, **kwargs}
     try:
-        model = timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes, **kwargs)
+        return timm.create_model(name, pretrained=False, num_classes=spec.num_classes, **kwargs)
     except TypeError as err:
         raise UserError(f"model: {spec.name} rejected its arguments {sorted(kwargs)}: {err}") from None
-    if spec.small_input_stem:
-        use_small_input_stem(model, spec.name)
-    return model
+
+
+def fixed_input_size(backbone: nn.Module) -> tuple[int, int] | None:
+    """The only input size ``(height, width)`` a model accepts (timm ViTs built without
+    ``dynamic_img_size``, LV-ViT), or None when it takes any size (CNNs, TinyViT)."""
+    embed = getattr(backbone, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is None or not getattr(embed, "strict_img_size", True):
+        return None
+    return (int(size[0]), int(size[1]))
+
+
+def check_input_size(backbone: nn.Module, size: int, key: str, name: str, fix: str) -> None:
+    """A model that accepts one input size gets that size, or a one-line error naming ``key``."""
+    fixed = fixed_input_size(backbone)
+    if fixed is not None and fixed != (size, size):
+        raise ConfigError(key, f"{size}x{size} views, but {name} takes {fixed[1]}x{fixed[0]} inputs; {fix}")
 
 
 def build_model(cfg: ModelConfig, num_classes: int, **conventions) -> VisionModel:
@@ -234,6 +274,15 @@ def build_model(cfg: ModelConfig, num_classes: int, **conventions) -> VisionMode
     return model
 
 
+@contextmanager
+def damaged_file_errors(path: Path):
+    """A weights file that cannot be parsed (truncated, overwritten) is one :class:`UserError`."""
+    try:
+        yield
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise UserError(f"{path} cannot be read: the file is damaged or truncated ({short_reason(err)})") from None
+
+
 def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch file (``state_dict``/``model`` entries and
     ``module.`` prefixes are unwrapped). ``key`` names the recipe key in errors."""
@@ -243,9 +292,11 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"{key}: {path} does not exist")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        with damaged_file_errors(path):
+            state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with damaged_file_errors(path):
+            state = torch.load(path, map_location="cpu", weights_only=True)
         for entry in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(entry), dict):
                 state = state[entry]
@@ -298,12 +349,22 @@ def export_model(model: VisionModel, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in {**model.backbone.state_dict(), **model.extra_state()}.items()}
-    save_file(state, str(tmp), metadata={SPEC_KEY: model.spec.to_json()})
-    tmp.replace(path)
+    try:
+        save_file(state, str(tmp), metadata={SPEC_KEY: model.spec.to_json()})
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes 0600; other run files follow the umask
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_spec(path: str | Path) -> ModelSpec:
-    with safe_open(str(path), framework="pt") as f:
+    with damaged_file_errors(path), safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if SPEC_KEY not in meta:
         raise UserError(f"{path} is not a vitdistill export (no model spec in its metadata); use teacher.name + teacher.weights")

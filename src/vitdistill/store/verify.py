@@ -13,9 +13,9 @@ from ..data import open_source
 from ..engine.distributed import DistEnv, resolve_device
 from ..errors import UserError
 from ..targets import build_online_teacher
-from ..targets.offline import file_sha256, first_difference, teacher_identity
+from ..targets.offline import first_difference, teacher_identity
 from .format import Manifest
-from .reader import read_epoch
+from .reader import damaged_epochs, read_epoch
 from .writer import teacher_probs
 
 # Largest |stored - recomputed| probability accepted by default: fp16 storage rounds a probability
@@ -43,13 +43,13 @@ def verify_store(
     if teacher is not None:
         overrides += [f"teacher.checkpoint={teacher}", "teacher.name=null", "teacher.weights=null"]
     cfg = config_from_dict(manifest.recipe, overrides)
-    bad_files = [info["file"] for info in manifest.epochs.values() if not (folder / info["file"]).is_file() or file_sha256(folder / info["file"]) != info["sha256"]]
+    bad_files = [manifest.epochs[str(e)]["file"] for e in damaged_epochs(folder, manifest)]
     source = open_source(cfg.data, cfg.data.train_split, cfg.data.train_limit)
     diff = first_difference(manifest.dataset, source.fingerprint(), "dataset.")
     if diff:
         raise UserError(f"verify: the data the store was made from has changed: {diff}")
     env = DistEnv(rank=0, world=1, device=resolve_device(device))
-    online = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std).to(env.device)
+    online = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std, cfg.augment.input_size).to(env.device)
     if teacher_identity(cfg, online)["weights_sha256"] != manifest.teacher["weights_sha256"]:
         raise UserError(f"verify: {teacher or manifest.teacher['path']} is not the teacher that wrote the store")
     views = Augmenter(source, cfg.augment, cfg.seed, cfg.data.mean, cfg.data.std, env.device)

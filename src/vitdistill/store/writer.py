@@ -16,6 +16,7 @@ import torch
 
 from ..augment import Augmenter
 from ..config import RunConfig, to_dict
+from ..config.paths import with_absolute_paths
 from ..engine.distributed import DistEnv, autocast, barrier, setup_distributed
 from ..engine.metrics import format_duration
 from ..errors import UserError
@@ -23,6 +24,7 @@ from ..progress import progress_bar
 from ..targets import OnlineTeacher
 from ..targets.offline import file_sha256, first_difference, prepare_teacher_run, teacher_identity
 from .format import Manifest, augment_fingerprint, epoch_file, topk_records
+from .reader import damaged_epochs, damaged_reason
 
 
 def new_manifest(cfg: RunConfig, source, teacher: OnlineTeacher, precision: str) -> Manifest:
@@ -66,14 +68,19 @@ def teacher_probs(teacher: OnlineTeacher, views: Augmenter, index: torch.Tensor,
 
 def write_store(cfg: RunConfig) -> Path:
     """Write (or complete) the store of ``cfg.store.path``; returns its folder."""
+    cfg = with_absolute_paths(cfg)  # the manifest's recipe must work from any folder (verify)
     env = setup_distributed(cfg.engine.device)
-    folder, source, teacher, precision = prepare_teacher_run(cfg, cfg.store.path, "store.path", env.device)
+    folder, source, teacher, precision = prepare_teacher_run(cfg, cfg.store.path, "store.path", env.device, cfg.augment.input_size)
     views = Augmenter(source, cfg.augment, cfg.seed, cfg.data.mean, cfg.data.std, env.device, cfg.data.placement, cfg.data.workers)
     manifest = new_manifest(cfg, source, teacher, precision)
     if (folder / "manifest.json").is_file():
         existing = Manifest.read(folder)
         check_same_plan(existing, manifest, folder)
         manifest.epochs = existing.epochs
+        for epoch in damaged_epochs(folder, manifest):  # rewritten below, like a missing epoch
+            if env.is_main:
+                print(f"vitdistill: {folder}: epoch {epoch + 1}: {damaged_reason(folder, manifest, epoch)}; rewriting it")
+            del manifest.epochs[str(epoch)]
     elif env.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         manifest.write(folder)
@@ -91,7 +98,7 @@ def write_store(cfg: RunConfig) -> Path:
         barrier(env)
         records = np.memmap(tmp, dtype=manifest.dtype, mode="r+", shape=(n,))
         for first in range(start, stop, batch_size):
-            index = torch.arange(first, min(first + batch_size, stop))
+            index = torch.arange(first, min(first + batch_size, stop), device=views.images.device)
             probs = teacher_probs(teacher, views, index, epoch, manifest.temperature, env, precision)
             records[first : first + len(index)] = topk_records(probs, manifest.k, manifest.dtype)
             bar.update(1)

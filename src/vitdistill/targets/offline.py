@@ -73,15 +73,15 @@ def check_provenance(where: str, dataset: dict, teacher: dict, k: int, cfg: RunC
         raise UserError(f"{where} another teacher ({teacher['path']}), not {path}")
 
 
-def prepare_teacher_run(cfg: RunConfig, path: str | None, key: str, device: torch.device) -> tuple[Path, ImageSource, OnlineTeacher, str]:
+def prepare_teacher_run(cfg: RunConfig, path: str | None, key: str, device: torch.device, view_size: int | None = None) -> tuple[Path, ImageSource, OnlineTeacher, str]:
     """What writing offline targets needs: the output folder (recipe key ``key``), the training
-    split, the teacher on ``device`` and the precision it runs in."""
+    split, the teacher on ``device`` (checked to accept ``view_size`` inputs) and its precision."""
     if path is None:
         raise UserError(f"{key}: where should the output go? (e.g. {key}=runs/{key.split('.')[0]}/cifar10)")
     if cfg.teacher is None or (cfg.teacher.checkpoint is None and cfg.teacher.name is None):
         raise UserError("teacher: writing offline targets needs the teacher itself (teacher.checkpoint or teacher.name + weights)")
     source = open_source(cfg.data, cfg.data.train_split, cfg.data.train_limit)
-    teacher = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std).to(device)
+    teacher = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std, view_size).to(device)
     return Path(path), source, teacher, "bf16" if uses_bf16(device, cfg.engine.precision) else "fp32"
 
 

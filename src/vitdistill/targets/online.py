@@ -11,7 +11,7 @@ from ..config.schema import IMAGENET_MEAN, IMAGENET_STD
 from ..data import ImageSource
 from ..errors import UserError
 from ..models import ModelSpec, VisionModel, load_model
-from ..models.network import classifier_prefixes, create_backbone, load_backbone_weights, read_state_dict
+from ..models.network import check_input_size, classifier_prefixes, create_backbone, load_backbone_weights, read_state_dict
 from .prediction import TeacherPrediction
 
 
@@ -86,7 +86,14 @@ class OnlineTeacher:
 
 
 def build_online_teacher(
-    cfg: TeacherConfig, data: ImageSource, student_mean, student_std, *, classes: bool = True, features: bool = False
+    cfg: TeacherConfig,
+    data: ImageSource,
+    student_mean,
+    student_std,
+    student_input_size: int | None = None,
+    *,
+    classes: bool = True,
+    features: bool = False,
 ) -> OnlineTeacher:
     """Load the teacher of the recipe. ``classes``: its logits are used, so it must predict the
     data's classes; otherwise (feature-only objectives) its head is never read and a teacher
@@ -102,16 +109,19 @@ def build_online_teacher(
         model = VisionModel(create_backbone(spec), spec)
         if cfg.weights is None:
             raise UserError("teacher.weights: a teacher given by name needs its weights (a local .safetensors or .pth file)")
-        state = read_state_dict(cfg.weights, "teacher.weights")
-        if not classes:  # no head was built: the weights' classifier is not needed
+        if classes:
+            load_backbone_weights(model.backbone, cfg.weights, "teacher.weights")
+        else:  # no head was built: the weights' classifier is not needed
             own, heads = model.backbone.state_dict(), classifier_prefixes(model.backbone)
-            state = {k: v for k, v in state.items() if k in own or not k.startswith(heads)}
-        load_backbone_weights(model.backbone, state, "teacher.weights")
+            state = read_state_dict(cfg.weights, "teacher.weights")
+            load_backbone_weights(model.backbone, {k: v for k, v in state.items() if k in own or not k.startswith(heads)}, "teacher.weights")
         model.eval()
     if classes and spec.num_classes != data.num_classes:
         raise UserError(f"teacher: it predicts {spec.num_classes} classes but the data has {data.num_classes}")
     if classes and spec.classes and list(spec.classes) != list(data.classes):
         raise UserError(f"teacher: its classes {spec.classes[:5]}... differ from the data's {data.classes[:5]}...")
+    if student_input_size is not None:
+        check_input_size(model.backbone, cfg.input_size or student_input_size, "teacher.input_size", spec.name, "set teacher.input_size to it (views are resized for the teacher)")
     mean = cfg.mean or spec.mean or _timm_default(spec.name, "mean", IMAGENET_MEAN)
     std = cfg.std or spec.std or _timm_default(spec.name, "std", IMAGENET_STD)
     layer = (-1 if cfg.feature_layer is None else cfg.feature_layer) if features else None
