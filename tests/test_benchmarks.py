@@ -48,3 +48,22 @@ def test_compare_seeds_script(tmp_path, monkeypatch, capsys):
     assert all(0 <= r["last_patch_cosine"] <= 1 for r in results["diverse"]["runs"])
     assert (tmp_path / "runs" / "analysis-compare" / "report.md").is_file()
     assert "last-layer patch cos" in capsys.readouterr().out
+
+
+def test_feature_distillation_digits_script(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    from conftest import CACHE
+
+    shrink = ["optim.epochs=1", "data.train_limit=128", "data.eval_limit=64", "optim.batch_size=32", f"data.cache_dir={CACHE}"]
+    argv = ["fd_seeds.py", "--seeds", "0", "1", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--output", str(tmp_path / "runs"),
+            "--analysis-images", "16", "--json", str(tmp_path / "fd.json"), *shrink]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "benchmarks" / "fd_seeds.py"), run_name="__main__")
+    runs = json.loads((tmp_path / "fd.json").read_text())["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and all(0 <= r["fd"] <= 100 and 0 <= r["baseline"] <= 100 for r in runs)
+    summary = json.loads((tmp_path / "runs" / "baseline-s0" / "summary.json").read_text())
+    assert summary["epochs"] == 2  # the baseline trains as many epochs as both stages together
+    assert (tmp_path / "runs" / "analysis" / "attention_distance.png").is_file()
+    assert "baseline: random init, 2 epochs" in capsys.readouterr().out

@@ -81,8 +81,8 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path, clock_start: float
     model.capture(objective.needed_blocks)
     if objective.needs_token_logits and not model.has_token_logits:
         raise ConfigError("model.token_head", f"the objective classifies every patch token: set model.token_head: true ({cfg.model.name} has no per-token head)")
-    objective.setup(model, cfg.seed)
-    teacher = build_targets(cfg, model, train_src, env) if objective.needs_teacher else None
+    teacher = build_targets(cfg, model, train_src, env, objective) if objective.needs_teacher else None
+    objective.setup(model, cfg.seed, teacher)  # terms size their own parameters (a projector) from the teacher
     augment_device = torch.device("cpu") if cfg.data.augment_device == "cpu" else None
     placement = dict(placement=cfg.data.placement, workers=cfg.data.workers, augment_device=augment_device)
     train_views = Augmenter(train_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
@@ -90,16 +90,23 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path, clock_start: float
     return Trainer(cfg, model, objective, train_views, eval_views, teacher, env, output, clock_start)
 
 
-def build_targets(cfg: RunConfig, model: VisionModel, source: ImageSource, env: DistEnv):
-    """The teacher's answers, in the form the recipe names: label maps, a store, or online."""
+def build_targets(cfg: RunConfig, model: VisionModel, source: ImageSource, env: DistEnv, objective: Objective | None = None):
+    """The teacher's answers, in the form the recipe names: label maps, a store, or online (with
+    feature maps when the ``objective`` reads them; with classes unless it reads only those)."""
     assert cfg.teacher is not None  # the schema guarantees it
+    features = objective is not None and objective.needs_teacher_features
+    if features and (cfg.teacher.label_maps is not None or cfg.teacher.store is not None):
+        which = "teacher.label_maps" if cfg.teacher.label_maps is not None else "teacher.store"
+        raise UserError(f"{which}: the objective distils feature maps, which only an online teacher gives (teacher.checkpoint or teacher.name)")
     if cfg.teacher.label_maps is not None:
         if model.token_grid is None:
             raise UserError(f"teacher.label_maps: token targets need a vision transformer; {cfg.model.name} has no patch grid")
         return LabelMapTargets(cfg.teacher.label_maps, cfg, source, model.token_grid, env.device)
     if cfg.teacher.store is not None:
         return StoreTargets(cfg.teacher.store, cfg, source, env.device)
-    return build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std, cfg.augment.input_size).to(env.device)
+    classes = objective is None or objective.needs_teacher_classes
+    teacher = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std, cfg.augment.input_size, classes=classes, features=features)
+    return teacher.to(env.device)
 
 
 def train(cfg: RunConfig, resume: bool = False) -> RunResult:

@@ -139,7 +139,8 @@ class ModelConfig:
 class TeacherConfig:
     """A frozen teacher: a vitdistill export (architecture read from it) or a timm name + weights,
     run online; or a teacher store written by ``vitdistill cache`` (then ``checkpoint``/``name``,
-    when also given, must be the teacher that wrote it)."""
+    when also given, must be the teacher that wrote it). An online teacher also gives feature
+    maps (``feature_layer``) when a term asks for them."""
 
     checkpoint: str | None = None  # model.safetensors exported by vitdistill, or its run folder
     name: str | None = None  # timm name, when the weights are a plain state dict
@@ -153,6 +154,7 @@ class TeacherConfig:
     mean: tuple[float, float, float] | None = None  # the teacher's own input normalisation
     std: tuple[float, float, float] | None = None
     input_size: int | None = None  # resize the student's view to this size for the teacher
+    feature_layer: int | None = None  # feature terms: stage/block of forward_intermediates (None: the last; negative: from the end)
 
     def validate(self, key: str) -> None:
         key = key or "teacher"

@@ -29,6 +29,7 @@ from ..errors import ConfigError, UserError, short_reason
 from . import convnet, lvvit  # noqa: F401  (register our CNNs and LV-ViT in timm)
 from .adapt import adapt_kwargs
 from .output import ModelOutput, TokenMix
+from .relpos import per_block_rel_pos_bias
 from .stems import SMALL_STEM
 
 SPEC_KEY = "vitdistill"
@@ -152,6 +153,11 @@ class VisionModel(nn.Module):
             block_tokens = dict(zip(self.capture_blocks, inter))
         else:
             tokens = net.forward_features(x)
+        return self._token_output(tokens, block_tokens, token_mix)
+
+    def _token_output(self, tokens: torch.Tensor, block_tokens: dict[int, torch.Tensor], token_mix: TokenMix | None) -> ModelOutput:
+        """The heads of a ViT from its final (normalised) token sequence."""
+        net = self.backbone
         prefix = net.num_prefix_tokens
         if self.has_dist_head:
             logits = net.head(net.head_drop(tokens[:, 0]))
@@ -161,6 +167,23 @@ class VisionModel(nn.Module):
         head = getattr(net, "aux_head", None) or self.token_head
         token_logits = head(tokens[:, prefix:]) if head is not None else None
         return ModelOutput(logits, dist_logits, tokens, prefix, token_logits, block_tokens, token_mix)
+
+    def forward_with_features(self, x: torch.Tensor, layer: int) -> tuple[ModelOutput, torch.Tensor]:
+        """The usual output and, from the same pass, the feature map ``[B, C, H, W]`` output by
+        stage (CNNs) or block (ViTs) ``layer`` of timm's ``forward_intermediates`` (negative:
+        from the end). A ViT's map is its patch tokens on their grid, before the final norm;
+        prefix tokens (class, distillation) are dropped."""
+        net = self.backbone
+        if not hasattr(net, "forward_intermediates"):
+            raise UserError(f"teacher: {self.spec.name} has no forward_intermediates (timm's feature API), so its feature maps cannot be read")
+        try:
+            final, inter = net.forward_intermediates(x, indices=[layer], norm=False, output_fmt="NCHW")
+        except AssertionError as err:  # timm's feature_take_indices: index out of range
+            raise UserError(f"teacher.feature_layer: {layer} does not fit {self.spec.name} ({err})") from None
+        features = inter[0]
+        if self.is_vit:
+            return self._token_output(final, {}, None), features
+        return ModelOutput(logits=net.forward_head(final)), features
 
     def freeze_batchnorm(self) -> None:
         """Fix every BatchNorm (running statistics and affine parameters), for finetuning: it
@@ -289,14 +312,15 @@ def load_weights(model: VisionModel, path: str | Path, key: str) -> None:
     model.load_extra_state(state)
     state = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
     own = model.backbone.state_dict()
-    classifier = {n for n, _ in model.backbone.named_parameters() if n.startswith(_classifier_names(model.backbone))}
+    state = per_block_rel_pos_bias(state, own, key)
+    classifier = {n for n, _ in model.backbone.named_parameters() if n.startswith(classifier_prefixes(model.backbone))}
     skipped = [k for k in state if k in classifier and k in own and state[k].shape != own[k].shape]
     if skipped:
         print(f"vitdistill: {key}: {path} has another class count; the classifier ({', '.join(skipped)}) starts fresh")
     load_backbone_weights(model.backbone, {k: v for k, v in state.items() if k not in skipped}, key, missing_ok=set(skipped))
 
 
-def _classifier_names(backbone: nn.Module) -> tuple[str, ...]:
+def classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
     """Prefixes of the classification heads' parameter names."""
     names = []
     for attr in ("head", "head_dist", "fc", "classifier", "aux_head"):
@@ -307,16 +331,17 @@ def _classifier_names(backbone: nn.Module) -> tuple[str, ...]:
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path | dict, key: str, missing_ok: set[str] = frozenset()) -> None:
     state = read_state_dict(path, key) if not isinstance(path, dict) else path
+    source = "the state dict" if isinstance(path, dict) else path  # what the errors name
     state = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
     try:
         result = backbone.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches, e.g. another class count
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
-        raise UserError(f"{key}: {path} does not fit the model ({detail})") from None
+        raise UserError(f"{key}: {source} does not fit the model ({detail})") from None
     missing = [k for k in result.missing_keys if k not in missing_ok]
     if missing or result.unexpected_keys:
         missing, unexpected = missing[:3], result.unexpected_keys[:3]
-        raise UserError(f"{key}: {path} does not fit the model (missing {missing}, unexpected {unexpected})")
+        raise UserError(f"{key}: {source} does not fit the model (missing {missing}, unexpected {unexpected})")
 
 
 def export_model(model: VisionModel, path: str | Path) -> None:

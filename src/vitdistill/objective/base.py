@@ -42,6 +42,7 @@ class Term(nn.Module):
 
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = False
+    needs_teacher_features: ClassVar[bool] = False  # reads the teacher's feature maps only, never its classes
     needs_blocks: ClassVar[tuple[int, ...]] = ()  # blocks whose patch tokens the term reads (ModelOutput.block_tokens)
     needs_token_logits: ClassVar[bool] = False  # reads ModelOutput.token_logits (the model's per-token head)
     uses_head: ClassVar[bool] = True  # reads a class head (routed by `head`); False: tokens only
@@ -60,8 +61,10 @@ class Term(nn.Module):
     def default_head(cls, has_dist_head: bool) -> str:
         return "cls"
 
-    def setup(self, model, seed: int) -> None:
-        """Called once with the model (a ``VisionModel``) and the run seed, before training."""
+    def setup(self, model, seed: int, teacher=None) -> None:
+        """Called once with the model (a ``VisionModel``), the run seed and the source of teacher
+        predictions (None without a teacher), before the optimizer is built: a term creates its
+        own parameters (e.g. a projector) here."""
 
     def model_inputs(self, batch: ViewBatch) -> dict:
         """Extra keyword arguments for the model's forward on this batch (e.g. MixToken)."""
@@ -123,12 +126,15 @@ class Objective(nn.Module):
             self.labels.append(f"{cls.name}@{head}" if has_dist_head and cls.uses_head else cls.name)
         self.terms = nn.ModuleList(terms)
         self.needs_teacher = any(t.needs_teacher for t in terms)
+        self.needs_teacher_features = any(t.needs_teacher_features for t in terms)
+        # some term reads the teacher's class predictions (so they must be the data's classes)
+        self.needs_teacher_classes = any(t.needs_teacher and not t.needs_teacher_features for t in terms)
         self.needed_blocks = {b for t in terms for b in t.needs_blocks}
         self.needs_token_logits = any(t.needs_token_logits for t in terms)
 
-    def setup(self, model, seed: int) -> None:
+    def setup(self, model, seed: int, teacher=None) -> None:
         for term in self.terms:
-            term.setup(model, seed)
+            term.setup(model, seed, teacher)
 
     def model_inputs(self, batch: ViewBatch) -> dict:
         inputs: dict = {}

@@ -66,7 +66,7 @@ class TokenLabel(Term):
             if not 0 <= self.cls_mix <= 1:
                 raise ConfigError(f"{key}.cls_mix", "must be in [0, 1]")
 
-    def setup(self, model, seed: int) -> None:
+    def setup(self, model, seed: int, teacher=None) -> None:
         self.grid = model.token_grid
         if self.grid is None:
             raise UserError(f"token_label needs a vision transformer with a patch grid; {model.spec.name} has none")

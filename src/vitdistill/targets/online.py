@@ -11,7 +11,7 @@ from ..config.schema import IMAGENET_MEAN, IMAGENET_STD
 from ..data import ImageSource
 from ..errors import UserError
 from ..models import ModelSpec, VisionModel, load_model
-from ..models.network import check_input_size, create_backbone, load_backbone_weights
+from ..models.network import check_input_size, classifier_prefixes, create_backbone, load_backbone_weights, read_state_dict
 from .prediction import TeacherPrediction
 
 
@@ -22,10 +22,26 @@ class OnlineTeacher:
     another normalisation they are renormalised first (one affine map per channel), and resized
     when the teacher wants another input size. Not an ``nn.Module`` attribute of the student,
     so its weights never enter the student's checkpoint.
+
+    With ``feature_layer`` (an index into timm's ``forward_intermediates``) it also gives that
+    stage's or block's feature map, from the same forward pass as the logits. ``logits=False``
+    (feature-only objectives) leaves the logits out: the teacher's classes may then be any.
     """
 
-    def __init__(self, model: VisionModel, student_mean, student_std, teacher_mean, teacher_std, input_size: int | None = None):
+    def __init__(
+        self,
+        model: VisionModel,
+        student_mean,
+        student_std,
+        teacher_mean,
+        teacher_std,
+        input_size: int | None = None,
+        feature_layer: int | None = None,
+        logits: bool = True,
+    ):
         self.model = model.eval().requires_grad_(False)
+        self.feature_layer = feature_layer
+        self.logits = logits
         s_mean, s_std = torch.tensor(student_mean), torch.tensor(student_std)
         t_mean, t_std = torch.tensor(teacher_mean), torch.tensor(teacher_std)
         # x_t = (x * s_std + s_mean - t_mean) / t_std
@@ -50,32 +66,66 @@ class OnlineTeacher:
     def __call__(self, batch: ViewBatch) -> TeacherPrediction:
         if self.model.training:  # someone called .train() on it: BatchNorm must stay frozen
             self.model.eval()
-        out = self.model(self.prepare(batch.images))
-        return TeacherPrediction(logits=out.head("mean").float())
+        images = self.prepare(batch.images)
+        if self.feature_layer is None:
+            return TeacherPrediction(logits=self.model(images).head("mean").float())
+        out, features = self.model.forward_with_features(images, self.feature_layer)
+        return TeacherPrediction(logits=out.head("mean").float() if self.logits else None, features=features.float())
+
+    @torch.no_grad()
+    def feature_shape(self, view_size: int) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the teacher's feature map for a student view of ``view_size`` pixels
+        (one forward pass on a blank view, on the teacher's device)."""
+        if self.feature_layer is None:
+            raise UserError("teacher: built without feature_layer, it gives no feature maps")
+        device = self.scale.device
+        out, features = self.model.forward_with_features(self.prepare(torch.zeros(1, 3, view_size, view_size, device=device)), self.feature_layer)
+        if features.dim() != 4:
+            raise UserError(f"teacher.feature_layer: {self.model.spec.name} gives a {features.dim()}-d feature map, not [B, C, H, W]")
+        return tuple(features.shape[1:])  # type: ignore[return-value]
 
 
-def build_online_teacher(cfg: TeacherConfig, data: ImageSource, student_mean, student_std, student_input_size: int | None = None) -> OnlineTeacher:
-    """Load the teacher of the recipe and check that it predicts the data's classes."""
+def build_online_teacher(
+    cfg: TeacherConfig,
+    data: ImageSource,
+    student_mean,
+    student_std,
+    student_input_size: int | None = None,
+    *,
+    classes: bool = True,
+    features: bool = False,
+) -> OnlineTeacher:
+    """Load the teacher of the recipe. ``classes``: its logits are used, so it must predict the
+    data's classes; otherwise (feature-only objectives) its head is never read and a teacher
+    given by name is built without one. ``features``: it also gives the feature map of
+    ``cfg.feature_layer`` (default: the last stage or block)."""
     if cfg.checkpoint is not None:
         model = load_model(cfg.checkpoint)
         spec = model.spec
     else:
         assert cfg.name is not None
-        spec = ModelSpec(name=cfg.name, num_classes=data.num_classes, kwargs=dict(cfg.kwargs), small_input_stem=cfg.small_input_stem)
+        num_classes = data.num_classes if classes else 0
+        spec = ModelSpec(name=cfg.name, num_classes=num_classes, kwargs=dict(cfg.kwargs), small_input_stem=cfg.small_input_stem)
         model = VisionModel(create_backbone(spec), spec)
         if cfg.weights is None:
             raise UserError("teacher.weights: a teacher given by name needs its weights (a local .safetensors or .pth file)")
-        load_backbone_weights(model.backbone, cfg.weights, "teacher.weights")
+        if classes:
+            load_backbone_weights(model.backbone, cfg.weights, "teacher.weights")
+        else:  # no head was built: the weights' classifier is not needed
+            own, heads = model.backbone.state_dict(), classifier_prefixes(model.backbone)
+            state = read_state_dict(cfg.weights, "teacher.weights")
+            load_backbone_weights(model.backbone, {k: v for k, v in state.items() if k in own or not k.startswith(heads)}, "teacher.weights")
         model.eval()
-    if spec.num_classes != data.num_classes:
+    if classes and spec.num_classes != data.num_classes:
         raise UserError(f"teacher: it predicts {spec.num_classes} classes but the data has {data.num_classes}")
-    if spec.classes and list(spec.classes) != list(data.classes):
+    if classes and spec.classes and list(spec.classes) != list(data.classes):
         raise UserError(f"teacher: its classes {spec.classes[:5]}... differ from the data's {data.classes[:5]}...")
     if student_input_size is not None:
         check_input_size(model.backbone, cfg.input_size or student_input_size, "teacher.input_size", spec.name, "set teacher.input_size to it (views are resized for the teacher)")
     mean = cfg.mean or spec.mean or _timm_default(spec.name, "mean", IMAGENET_MEAN)
     std = cfg.std or spec.std or _timm_default(spec.name, "std", IMAGENET_STD)
-    return OnlineTeacher(model, student_mean, student_std, mean, std, cfg.input_size or None)
+    layer = (-1 if cfg.feature_layer is None else cfg.feature_layer) if features else None
+    return OnlineTeacher(model, student_mean, student_std, mean, std, cfg.input_size or None, feature_layer=layer, logits=classes)
 
 
 def _timm_default(name: str, key: str, fallback):

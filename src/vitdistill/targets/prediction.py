@@ -14,14 +14,22 @@ from ..errors import UserError
 class TeacherPrediction:
     """A teacher's answer for each view: raw logits (online teacher) or a dense probability
     distribution at a fixed temperature (an offline store), and per token (label maps) the
-    distribution of each token's region. Terms ask for what they need and get a clear error
-    when the source cannot provide it (e.g. a new temperature from stored probabilities)."""
+    distribution of each token's region, and (online teachers) the feature map of a chosen
+    stage or block. Terms ask for what they need and get a clear error when the source cannot
+    provide it (e.g. a new temperature from stored probabilities)."""
 
     logits: torch.Tensor | None = None  # [B, C]
     probs: torch.Tensor | None = None  # [B, C] at `temperature`
     temperature: float = 1.0
     token_probs: torch.Tensor | None = None  # [B, N, C]: each student token's region
     top1: torch.Tensor | None = None  # [B] the teacher's class when known exactly (stores: fp16 can tie)
+    features: torch.Tensor | None = None  # [B, C, H, W] feature map (teacher.feature_layer), fp32
+
+    def feature_map(self) -> torch.Tensor:
+        """``[B, C, H, W]`` the teacher's feature map (a ViT's patch tokens on their grid)."""
+        if self.features is None:
+            raise UserError("the objective needs the teacher's feature maps: use an online teacher (teacher.checkpoint or teacher.name)")
+        return self.features
 
     def tokens(self) -> torch.Tensor:
         """``[B, N, C]`` per-token target distributions."""
