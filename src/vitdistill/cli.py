@@ -108,7 +108,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from .config.parsing import parse_duration
 
     report = run_bench_gpu(args.data, parse_duration(args.budget, "--budget"), args.output, args.json, args.smoke, args.device, args.compile,
-                           args.seed, args.stages)
+                           args.seed, args.stages, args.throughput_compile)
     failed = [name for name, stage in report["stages"].items() if stage.get("status") == "failed"]
     if failed:
         print(f"vitdistill: bench gpu: stages failed: {', '.join(failed)} (details in the JSON report)", file=sys.stderr)
@@ -301,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="the report (default <output>/gpu.json; a Markdown table is written beside it)")
     p.add_argument("--smoke", action="store_true", help="the same stages at toy scale on the CPU (digits, tiny models)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", choices=["", "augment", "model", "both"], default="both", help="torch.compile the views and/or the students")
+    p.add_argument("--compile", choices=["", "augment", "model", "both"], default="",
+                   help="torch.compile the views and/or the students of the training stages (default: eager; compiling costs part of a short budget)")
+    p.add_argument("--throughput-compile", choices=["", "augment", "model", "both"], default="both", help="compile setting of the throughput stage")
     p.add_argument("--stages", nargs="+", help="run only these stages (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_bench_gpu)

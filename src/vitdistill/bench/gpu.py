@@ -14,6 +14,10 @@ the command again skips them.
 5. ``store`` and ``token_label`` (whatever time is left, short runs): a student from a teacher
    store written by ``vitdistill cache``, and token labeling from ``vitdistill labelmaps``.
 
+The training stages run eager by default (``--compile`` to change it): compiling a training step
+and the views costs a minute or more, a large part of a two-minute stage; the throughput stage
+measures what compiling buys (``--throughput-compile``, default both).
+
 Before the stages it prints the torch/timm versions, and after the teacher it counts the
 host-device synchronisations of a few training steps (``torch.cuda.set_sync_debug_mode``; on the
 CPU, copies to the ``meta`` stand-in device). ``--smoke`` runs the same stages at toy scale on the
@@ -58,7 +62,8 @@ class Bench:
     budget_s: float
     smoke: bool
     device: str
-    compile: str  # "", "augment", "model" or "both"
+    compile: str  # the training stages: "", "augment", "model" or "both"
+    throughput_compile: str = "both"  # the throughput stage
     seed: int = 0
     report: dict = field(default_factory=dict)
     json_path: Path | None = None
@@ -151,10 +156,12 @@ def stage_throughput(bench: Bench, budget_s: float) -> dict:
         regime = replace(REGIMES["cifar32"], student=tiny, teacher="vitdistill_convnet_tiny", teacher_small_stem=False)
         result = run_regime(regime, None, cache, 8, 1, 1, 2, "", bench.device, synthetic_images=32, deadline=time.perf_counter() + budget_s)
     else:
-        result = run_regime(REGIMES["cifar32"], bench.data, cache, 1024, max(1, min(15, (os.cpu_count() or 2) - 1)), 10, 40, bench.compile or "",
+        result = run_regime(REGIMES["cifar32"], bench.data, cache, 1024, max(1, min(15, (os.cpu_count() or 2) - 1)), 10, 40, bench.throughput_compile,
                             bench.device, deadline=time.perf_counter() + budget_s)
     print(format_result(result), flush=True)
-    return {"result": result, "command": "vitdistill bench throughput --regimes cifar32" + (f" --compile {bench.compile}" if bench.compile else "")}
+    compiled = f" --compile {bench.throughput_compile}" if bench.throughput_compile and not bench.smoke else ""
+    return {"result": result, "command": f"vitdistill bench throughput --regimes cifar32 --data-cifar32 {bench.data}{compiled}" if not bench.smoke else
+            "vitdistill bench throughput --regimes cifar32 --teacher vitdistill_convnet_tiny --batch-size 8 --steps 2 (tiny student; smoke)"}
 
 
 def stage_teacher(bench: Bench, budget_s: float) -> dict:
@@ -283,7 +290,7 @@ def count_synchronisations(bench: Bench, steps: int = 5) -> dict:
 
 # -------------------------------------------------------------------------- the command
 def run_bench_gpu(data: str | None, budget_s: float, output: str | Path = "runs/bench-gpu", json_path: str | Path | None = None, smoke: bool = False,
-                  device: str = "auto", compile: str = "both", seed: int = 0, stages: list[str] | None = None) -> dict:
+                  device: str = "auto", compile: str = "", seed: int = 0, stages: list[str] | None = None, throughput_compile: str = "both") -> dict:
     """Run the stages (see the module docstring) within ``budget_s`` seconds; returns the report."""
     from ..errors import UserError
 
@@ -292,15 +299,15 @@ def run_bench_gpu(data: str | None, budget_s: float, output: str | Path = "runs/
         raise UserError("bench gpu: --data is required (the CIFAR-10 ImageFolder or archive), or use --smoke")
     if smoke:
         device = "cpu" if device == "auto" else device
-        compile = ""
-    bench = Bench(data, output, budget_s, smoke, device, compile, seed, json_path=Path(json_path) if json_path else output / "gpu.json")
+        compile = throughput_compile = ""
+    bench = Bench(data, output, budget_s, smoke, device, compile, throughput_compile, seed, json_path=Path(json_path) if json_path else output / "gpu.json")
     previous = json.loads(bench.json_path.read_text()) if bench.json_path.is_file() else {}
     same_plan = previous.get("format") == REPORT_FORMAT and previous.get("smoke") == smoke and previous.get("data") == data
     bench.report = previous if same_plan else {}
     machine = describe_machine(device)
     print(f"vitdistill bench gpu: {machine['device']}, torch {machine['torch']}, timm {machine['timm']}, CUDA {machine['cuda']}; "
           f"budget {budget_s:.0f}s{' (smoke: toy scale on the CPU)' if smoke else ''}", flush=True)
-    bench.report.update(format=REPORT_FORMAT, machine=machine, budget_s=budget_s, smoke=smoke, data=data, compile=compile)
+    bench.report.update(format=REPORT_FORMAT, machine=machine, budget_s=budget_s, smoke=smoke, data=data, compile=compile, throughput_compile=throughput_compile)
     bench.report.setdefault("stages", {})
     bench.save()
     chosen = [s for s in STAGES if stages is None or s.name in stages]

@@ -6,8 +6,9 @@ checkpoint write), and fixes the total number of steps so that the whole schedul
 cosine decay to its end, every evaluation and checkpoint -- ends when the budget does. The
 schedule keeps the recipe's shape, compressed: warmup takes the same fraction of the steps as
 ``optim.warmup_epochs`` of ``optim.epochs``, and ``optim.epochs`` stays an upper bound. The plan
-is made once and saved in the checkpoint, so a resumed run keeps it. The budget counts from the
-start of the run (data, model, compilation included).
+is corrected once, from the epochs after a quarter of the planned time (warm-up and first-call
+costs make the first estimate pessimistic), and saved in the checkpoint, so a resumed run keeps
+it. The budget counts from the start of the run (data, model, compilation included).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class BudgetPlan:
     planned_at_s: float  # seconds since the run started, then
     step_s: float  # measured seconds per training step (after warm-up)
     eval_s: float  # measured seconds per evaluation
-    checkpoint_s: float  # measured seconds per checkpoint write
+    checkpoint_s: float  # measured seconds per epoch besides training and evaluation: the checkpoint write, logs, batching
     evaluations: int  # evaluations still to come, then
     epochs: int  # epochs of the schedule (the last may be partial)
     planned_end_s: float  # when the plan expects the run to end
@@ -113,6 +114,7 @@ class BudgetClock:
         self.window_start: tuple[int, float] | None = None
         self.window_steps = min_steps
         self.plan: BudgetPlan | None = None
+        self.revised = False  # the plan was corrected once from later epochs (Trainer.revise_plan)
         self.cut_short = False
 
     def elapsed(self) -> float:

@@ -97,6 +97,8 @@ class Trainer:
             start = clock_start if clock_start is not None else time.perf_counter()
             self.budget = BudgetClock(parse_duration(cfg.optim.budget), start, lambda: sync_device(env.device))
         self.last_eval_s = self.last_checkpoint_s = None
+        self.epoch_costs: list[tuple[int, float, float | None, float | None]] = []  # budgeted runs: (steps, train, eval, checkpoint) s per epoch
+        self.costs_from = 0  # epoch_costs index where the measurements after the plan begin
         self.num_updates = 0
         self.start_epoch = 0
         self.history: list[dict] = []
@@ -129,6 +131,7 @@ class Trainer:
         self.history = list(state["history"])
         if self.budget is not None and state.get("budget_plan") is not None:  # a budgeted run keeps its plan
             self.apply_plan(BudgetPlan(**state["budget_plan"]), announce=False)
+            self.budget.revised = True
         self.scheduler.step_update(self.num_updates)
 
     # ---------------------------------------------------------------- the loop
@@ -139,6 +142,7 @@ class Trainer:
         epoch = self.start_epoch
         try:
             while epoch * self.steps < self.total_steps:  # a budgeted schedule may end inside an epoch
+                epoch_began = time.perf_counter()
                 bar.set_description_str(f"{cfg.name} {epoch + 1}/{self.epochs}")
                 row = {"epoch": epoch + 1, **self.train_epoch(epoch, bar)}
                 # Nothing non-finite is ever saved: the previous checkpoint stays the last good one.
@@ -156,14 +160,14 @@ class Trainer:
                     log.write(self.history)
                     bar.write(epoch_line(row, self.epochs))
                 barrier(env)
-                if self.budget is not None and self.budget.plan is None and not last:
-                    # the first epoch ended before the measuring window: plan from what it saw,
-                    # and save the plan with the epoch (a resumed run must keep it)
-                    step_s = self.budget.partial_rate((epoch + 1) * self.steps) or row["train_time_s"] / max(self.steps, 1)
-                    self.make_plan((epoch + 1) * self.steps, step_s, bar)
-                    if env.is_main:
-                        save_atomic(self.state_dict(epoch + 1), self.output / "checkpoint.pt")
-                    barrier(env)
+                if self.budget is not None and not last:
+                    eval_s = self.last_eval_s if "eval_top1" in row else 0.0
+                    rest_s = time.perf_counter() - epoch_began - row["train_time_s"] - eval_s  # checkpoint, log, batching...
+                    self.epoch_costs.append((row["train_steps"], row["train_time_s"], eval_s if "eval_top1" in row else None, rest_s))
+                    if self.revise_plan((epoch + 1) * self.steps, bar):
+                        if env.is_main:  # the plan is saved with the epoch: a resumed run keeps it
+                            save_atomic(self.state_dict(epoch + 1), self.output / "checkpoint.pt")
+                        barrier(env)
                 epoch += 1
         finally:
             bar.close()
@@ -181,10 +185,33 @@ class Trainer:
         return -(-self.total_steps // self.steps)
 
     # ---------------------------------------------------------------- time budget
-    def make_plan(self, steps_done: int, step_s: float, bar) -> None:
+    def revise_plan(self, steps_done: int, bar) -> bool:
+        """At an epoch's end: plan now if the first epoch ended before the measuring window did;
+        once, when a quarter of the planned time has passed, re-plan from the epochs since (their
+        training, evaluation and checkpoint times, free of warm-up), so that an early estimate's
+        error does not end the run far from the budget. Returns whether the plan changed."""
+        clock = self.budget
+        if clock.plan is None:
+            step_s = clock.partial_rate(steps_done) or self.epoch_costs[-1][1] / max(self.epoch_costs[-1][0], 1)
+            self.make_plan(steps_done, step_s, bar)
+            self.costs_from = len(self.epoch_costs)
+            return True
+        plan = clock.plan
+        since = self.epoch_costs[self.costs_from :]
+        if clock.revised or len(since) < 2 or clock.elapsed() < plan.planned_at_s + 0.25 * (plan.planned_end_s - plan.planned_at_s):
+            return False
+        steps, train_s = sum(c[0] for c in since), sum(c[1] for c in since)
+        evals = [c[2] for c in since if c[2] is not None]
+        checkpoints = [c[3] for c in since if c[3] is not None]
+        eval_s = sum(evals) / len(evals) if evals else plan.eval_s
+        checkpoint_s = sum(checkpoints) / len(checkpoints) if checkpoints else plan.checkpoint_s
+        clock.revised = True
+        self.make_plan(steps_done, train_s / max(steps, 1), bar, eval_s, checkpoint_s)
+        return True
+
+    def make_plan(self, steps_done: int, step_s: float, bar, eval_s: float | None = None, checkpoint_s: float | None = None) -> None:
         """Fix the schedule's length from the measured step time and the cost of an evaluation
-        and a checkpoint (measured now if no epoch has ended yet)."""
-        eval_s, checkpoint_s = self.last_eval_s, self.last_checkpoint_s
+        and a checkpoint (measured now when not given)."""
         if eval_s is None or checkpoint_s is None:
             eval_s, checkpoint_s = self.probe_costs(steps_done // self.steps)
         measured = torch.tensor([step_s, eval_s, checkpoint_s, self.budget.elapsed()], dtype=torch.float64, device=self.env.device)
@@ -198,21 +225,21 @@ class Trainer:
         bar.refresh()
 
     def probe_costs(self, epoch: int) -> tuple[float, float]:
-        """Seconds of one evaluation and one checkpoint write, measured (evaluated twice when
-        compiled: the first includes compiling the evaluation graph)."""
-        for _ in range(2 if self.cfg.engine.compile else 1):
+        """Seconds of one evaluation and one checkpoint write, measured twice each (the first
+        includes one-time costs: compiling the evaluation graph, cuDNN autotuning)."""
+        evals, checkpoints = [], [0.0]
+        for _ in range(2):
             began = time.perf_counter()
             self.evaluate_all()
-            eval_s = time.perf_counter() - began
-        checkpoint_s = 0.0
-        if self.env.is_main:
-            probe = self.output / "checkpoint.probe"
-            began = time.perf_counter()
-            save_atomic(self.state_dict(epoch), probe)
-            checkpoint_s = time.perf_counter() - began
-            probe.unlink(missing_ok=True)
+            evals.append(time.perf_counter() - began)
+            if self.env.is_main:
+                probe = self.output / "checkpoint.probe"
+                began = time.perf_counter()
+                save_atomic(self.state_dict(epoch), probe)
+                checkpoints.append(time.perf_counter() - began)
+                probe.unlink(missing_ok=True)
         self.step_module.train()
-        return eval_s, checkpoint_s
+        return evals[-1], checkpoints[-1]
 
     def apply_plan(self, plan: BudgetPlan, announce: bool = True) -> None:
         self.budget.plan = plan
@@ -241,9 +268,11 @@ class Trainer:
         guard.start_epoch()
         start = time.perf_counter()
         first = epoch * self.steps
+        step_count = 0
         for step, batch in enumerate(self.train_views.train_batches(batches, epoch)):
             if first + step >= self.total_steps:
                 break
+            step_count += 1
             result = self.train_step(batch, epoch, step)
             images += len(batch)
             bar.update(1)
@@ -257,6 +286,7 @@ class Trainer:
                 step_s = self.budget.measure(first + step + 1)
                 if step_s is not None:
                     self.make_plan(first + step + 1, step_s, bar)
+                    self.costs_from = len(self.epoch_costs) + 1  # this epoch's times include the warm-up and the probes
             last_step = step == len(batches) - 1 or first + step + 1 >= self.total_steps
             if step % 25 == 0 or last_step:
                 guard.check(epoch)  # reads the device-side flag where the loop synchronises anyway
@@ -271,7 +301,7 @@ class Trainer:
         names = list(sums)
         means = all_reduce_sum(torch.stack([sums[k] for k in names]), env) / (max(updates, 1) * env.world) if names else torch.zeros(0)
         stats = {f"train_{k}": v for k, v in zip(names, means.tolist())}
-        stats.update(lr=self.lr, train_time_s=elapsed, train_img_per_s=images * env.world / elapsed)
+        stats.update(lr=self.lr, train_time_s=elapsed, train_img_per_s=images * env.world / elapsed, train_steps=step_count)
         if cfg.engine.nan_policy == "skip_step":
             stats["train_skipped_steps"] = guard.skipped
         return stats
