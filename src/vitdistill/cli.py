@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=["", "augment", "model", "both"], default="",
                    help="torch.compile the views and/or the students of the training stages (default: eager; compiling costs part of a short budget)")
     p.add_argument("--throughput-compile", choices=["", "augment", "model", "both"], default="both", help="compile setting of the throughput stage")
-    p.add_argument("--stages", nargs="+", help="run only these stages (default: all)")
+    p.add_argument("--stages", nargs="+", help="run only these stages (default: all but the optional 'feature')")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_bench_gpu)
 

@@ -12,7 +12,9 @@ the command again skips them.
 3. ``distilled``: DeiT-Ti/4, hard distillation through the distillation token, time-budgeted;
 4. ``baseline``: the same student without a teacher, the same budget as 3;
 5. ``store`` and ``token_label`` (whatever time is left, short runs): a student from a teacher
-   store written by ``vitdistill cache``, and token labeling from ``vitdistill labelmaps``.
+   store written by ``vitdistill cache``, and token labeling from ``vitdistill labelmaps``;
+6. optional (``--stages ... feature``): feature distillation then fine-tuning, against the same
+   fine-tuning from random init.
 
 The training stages run eager by default (``--compile`` to change it): compiling a training step
 and the views costs a minute or more, a large part of a two-minute stage; the throughput stage
@@ -51,6 +53,7 @@ class Stage:
     run: Callable[["Bench", float], dict]
     max_s: float | None = None  # a cap on the stage's budget
     needs: tuple[str, ...] = ()  # stages whose results it uses
+    optional: bool = False  # runs only when named in --stages
 
 
 @dataclass
@@ -221,6 +224,21 @@ def stage_token_label(bench: Bench, budget_s: float) -> dict:
     return result
 
 
+def stage_feature(bench: Bench, budget_s: float) -> dict:
+    """Optional (``--stages ... feature``): feature distillation from the CNN teacher
+    (``fd_pretrain_*``, label-free), then fine-tuning (``fd_finetune_*``) against the same
+    fine-tuning from random init; pretraining gets 40% of the time, each fine-tuning 30%."""
+    scale = "digits" if bench.smoke else "cifar10"
+    limits = ["data.train_limit=512", "data.eval_limit=128"] if bench.smoke else []
+    common = ["optim.epochs=1000", *limits, *bench.compile_overrides()]
+    pretrain = run_training(bench, "fd_pretrain", f"fd_pretrain_{scale}", [*common, f"teacher.checkpoint={bench.teacher_export()}"], 0.4 * budget_s)
+    finetune = run_training(bench, "fd_finetune", f"fd_finetune_{scale}", [*common, f"model.init={bench.output / 'fd_pretrain' / 'model.safetensors'}"],
+                            0.3 * budget_s)
+    baseline = run_training(bench, "fd_baseline", f"fd_finetune_{scale}", [*common, "model.init=null", "optim.layer_decay=null"], 0.3 * budget_s)
+    return {**finetune, "budget_s": budget_s, "baseline_top1_last": baseline["top1_last"], "pretrain": pretrain, "baseline": baseline,
+            "command": f"{pretrain['command']} ; {finetune['command']} ; {baseline['command']}"}
+
+
 STAGES = (
     Stage("throughput", "data paths (a)-(e), DeiT-Ti/4 + ResNet-18 at 32x32", 0.12, stage_throughput, max_s=60.0),
     Stage("teacher", "CNN teacher (ResNet-18, small-image stem)", 0.20, stage_teacher),
@@ -228,6 +246,8 @@ STAGES = (
     Stage("baseline", "DeiT-Ti/4, no teacher (same budget)", 0.25, stage_baseline),
     Stage("store", "DeiT-Ti/4 from a teacher store (short)", 0.09, stage_store, needs=("teacher",)),
     Stage("token_label", "DeiT-Ti/4 with token labeling (short)", 0.09, stage_token_label, needs=("teacher",)),
+    Stage("feature", "ViT-Ti/4 (shared rel. pos. bias): feature distillation, then fine-tuning, vs fine-tuning alone", 0.30, stage_feature,
+          needs=("teacher",), optional=True),
 )
 
 
@@ -310,7 +330,7 @@ def run_bench_gpu(data: str | None, budget_s: float, output: str | Path = "runs/
     bench.report.update(format=REPORT_FORMAT, machine=machine, budget_s=budget_s, smoke=smoke, data=data, compile=compile, throughput_compile=throughput_compile)
     bench.report.setdefault("stages", {})
     bench.save()
-    chosen = [s for s in STAGES if stages is None or s.name in stages]
+    chosen = [s for s in STAGES if (stages is None and not s.optional) or (stages is not None and s.name in stages)]
     for i, stage in enumerate(chosen):
         if bench.stage_result(stage.name):
             print(f"vitdistill bench gpu: {stage.name}: done in an earlier run, kept", flush=True)
@@ -371,6 +391,8 @@ def markdown_table(report: dict) -> str:
             continue
         top1 = f"{r['top1_last']:.2f}" if r.get("top1_last") is not None else ""
         heads = f" (cls {r['top1_cls_last']:.2f}, dist {r['top1_dist_last']:.2f})" if r.get("top1_dist_last") is not None else ""
+        if r.get("baseline_top1_last") is not None:
+            heads += f" (fine-tuning alone: {r['baseline_top1_last']:.2f})"
         notes = [f"{r['epochs']} epochs", f"{r['parameters'] / 1e6:.2f}M params"]
         if r.get("cut_short"):
             notes.append("cut short")
