@@ -150,7 +150,7 @@ def budget_report(trainer: Trainer, wall: float) -> dict | None:
     clock = trainer.budget
     if clock is None or clock.plan is None:
         return None
-    return {**clock.plan.to_dict(), "actual_s": wall, "cut_short": clock.cut_short, "steps_done": min(trainer.total_steps, len(trainer.history) * trainer.steps)}
+    return {**clock.plan.to_dict(), "actual_s": wall, "cut_short": clock.cut_short, "steps_done": trainer.total_steps}
 
 
 def write_summary(cfg: RunConfig, output: Path, history: list[dict], wall: float, skipped: dict | None = None, budget: dict | None = None) -> None:
@@ -170,7 +170,8 @@ def write_summary(cfg: RunConfig, output: Path, history: list[dict], wall: float
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nvitdistill: {cfg.name} finished in {format_duration(wall)}; weights in {output / 'model.safetensors'}")
     if budget is not None:
-        note = ", cut short: the measured rate did not hold" if budget["cut_short"] else ""
+        missing = budget["total_steps"] - budget["steps_done"]
+        note = f", cut short by {missing:,} of {budget['total_steps']:,} steps: the measured rate did not hold" if budget["cut_short"] else ""
         print(f"vitdistill: budget {format_duration(budget['budget_s'])}: planned end {format_duration(budget['planned_end_s'])}, "
               f"actual {format_duration(wall)}{note}")
     print(format_summary(history))

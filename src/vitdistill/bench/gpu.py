@@ -139,7 +139,8 @@ def run_training(bench: Bench, name: str, recipe: str, overrides: list[str], bud
         "top1_cls_last": final.get("eval_top1_cls"),
         "top1_dist_last": final.get("eval_top1_dist"),
         "epochs": summary["epochs"],
-        "steps": budget.get("total_steps"),
+        "steps_planned": budget.get("total_steps"),
+        "steps_done": budget.get("steps_done"),
         "train_img_per_s": summary["train_img_per_s"],
         "parameters": result.parameters,
         "budget_s": budget_s,
@@ -395,7 +396,7 @@ def markdown_table(report: dict) -> str:
             heads += f" (fine-tuning alone: {r['baseline_top1_last']:.2f})"
         notes = [f"{r['epochs']} epochs", f"{r['parameters'] / 1e6:.2f}M params"]
         if r.get("cut_short"):
-            notes.append("cut short")
+            notes.append(f"cut short: {r['steps_done']:,} of {r['steps_planned']:,} steps")
         if r.get("short"):
             notes.append("short run")
         lines.append(f"| {name}: {r['title']} | {r['wall_s']:.0f} s | {r['budget_s']:.0f} s | {r['train_img_per_s']:,.0f} | {top1}{heads} | {', '.join(notes)} |")

@@ -6,9 +6,9 @@ checkpoint write), and fixes the total number of steps so that the whole schedul
 cosine decay to its end, every evaluation and checkpoint -- ends when the budget does. The
 schedule keeps the recipe's shape, compressed: warmup takes the same fraction of the steps as
 ``optim.warmup_epochs`` of ``optim.epochs``, and ``optim.epochs`` stays an upper bound. The plan
-is corrected once, from the epochs after a quarter of the planned time (warm-up and first-call
-costs make the first estimate pessimistic), and saved in the checkpoint, so a resumed run keeps
-it. The budget counts from the start of the run (data, model, compilation included).
+is corrected a few times from the epochs since (warm-up and first-call costs make the first
+estimate pessimistic, and a machine's speed drifts), and saved in the checkpoint, so a resumed
+run keeps it. The budget counts from the start of the run (data, model, compilation included).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class BudgetClock:
         self.window_start: tuple[int, float] | None = None
         self.window_steps = min_steps
         self.plan: BudgetPlan | None = None
-        self.revised = False  # the plan was corrected once from later epochs (Trainer.revise_plan)
+        self.revisions = 0  # corrections of the plan from later epochs so far (Trainer.revise_plan)
         self.cut_short = False
 
     def elapsed(self) -> float:

@@ -32,7 +32,9 @@ from .metrics import MetricsLog, format_duration
 from .optim import build_optimizer, build_scheduler
 
 TeacherFn = Callable[[ViewBatch], TeacherPrediction]
-EXPORT_RESERVE_S = 1.0  # a budgeted run keeps this for writing model.safetensors at the end
+EXPORT_RESERVE_S = 0.5  # a budgeted run keeps this for writing model.safetensors at the end
+PLAN_MARGIN = 0.02  # ... and plans to end this fraction of its budget early (the rate drifts)
+REVISIONS = 4  # corrections of a budgeted run's plan from its later epochs
 
 
 def sync_device(device: torch.device) -> None:
@@ -131,7 +133,7 @@ class Trainer:
         self.history = list(state["history"])
         if self.budget is not None and state.get("budget_plan") is not None:  # a budgeted run keeps its plan
             self.apply_plan(BudgetPlan(**state["budget_plan"]), announce=False)
-            self.budget.revised = True
+            self.budget.revisions = REVISIONS  # the plan as saved, not a new one
         self.scheduler.step_update(self.num_updates)
 
     # ---------------------------------------------------------------- the loop
@@ -187,9 +189,12 @@ class Trainer:
     # ---------------------------------------------------------------- time budget
     def revise_plan(self, steps_done: int, bar) -> bool:
         """At an epoch's end: plan now if the first epoch ended before the measuring window did;
-        once, when a quarter of the planned time has passed, re-plan from the epochs since (their
-        training, evaluation and checkpoint times, free of warm-up), so that an early estimate's
-        error does not end the run far from the budget. Returns whether the plan changed."""
+        later, each time a quarter of the remaining planned time has passed (at most
+        ``REVISIONS`` times), re-plan from the epochs since the last plan (their training,
+        evaluation and other per-epoch times: free of warm-up, and recent when the machine's
+        speed drifts), so that the schedule still ends on the budget. The cosine is rebuilt for
+        the new length: a change of a few percent moves the lr by as little. Returns whether the
+        plan changed."""
         clock = self.budget
         if clock.plan is None:
             step_s = clock.partial_rate(steps_done) or self.epoch_costs[-1][1] / max(self.epoch_costs[-1][0], 1)
@@ -198,18 +203,21 @@ class Trainer:
             return True
         plan = clock.plan
         since = self.epoch_costs[self.costs_from :]
-        if clock.revised or len(since) < 2 or clock.elapsed() < plan.planned_at_s + 0.25 * (plan.planned_end_s - plan.planned_at_s):
+        due = plan.planned_at_s + 0.25 * (plan.planned_end_s - plan.planned_at_s)
+        if clock.revisions >= REVISIONS or len(since) < 2 or clock.elapsed() < due:
             return False
         steps, train_s = sum(c[0] for c in since), sum(c[1] for c in since)
         evals = [c[2] for c in since if c[2] is not None]
-        checkpoints = [c[3] for c in since if c[3] is not None]
+        others = [c[3] for c in since if c[3] is not None]
         eval_s = sum(evals) / len(evals) if evals else plan.eval_s
-        checkpoint_s = sum(checkpoints) / len(checkpoints) if checkpoints else plan.checkpoint_s
-        clock.revised = True
-        self.make_plan(steps_done, train_s / max(steps, 1), bar, eval_s, checkpoint_s)
+        other_s = sum(others) / len(others) if others else plan.checkpoint_s
+        clock.revisions += 1
+        self.make_plan(steps_done, train_s / max(steps, 1), bar, eval_s, other_s, announce=False)
+        self.costs_from = len(self.epoch_costs)
         return True
 
-    def make_plan(self, steps_done: int, step_s: float, bar, eval_s: float | None = None, checkpoint_s: float | None = None) -> None:
+    def make_plan(self, steps_done: int, step_s: float, bar, eval_s: float | None = None, checkpoint_s: float | None = None,
+                  announce: bool = True) -> None:
         """Fix the schedule's length from the measured step time and the cost of an evaluation
         and a checkpoint (measured now when not given)."""
         if eval_s is None or checkpoint_s is None:
@@ -219,8 +227,8 @@ class Trainer:
             torch.distributed.all_reduce(measured, op=torch.distributed.ReduceOp.MAX)
         step_s, eval_s, checkpoint_s, elapsed = measured.tolist()
         plan = plan_steps(self.budget.budget_s, elapsed, steps_done, step_s, eval_s, checkpoint_s, self.steps, self.cfg.engine.eval_every,
-                          self.cfg.optim.epochs * self.steps, reserve_s=EXPORT_RESERVE_S)
-        self.apply_plan(plan)
+                          self.cfg.optim.epochs * self.steps, reserve_s=EXPORT_RESERVE_S + PLAN_MARGIN * self.budget.budget_s)
+        self.apply_plan(plan, announce)
         bar.total = plan.total_steps
         bar.refresh()
 
@@ -332,7 +340,8 @@ class Trainer:
         return loss.detach(), parts
 
     def finish_reserve(self) -> float:
-        """Seconds a budgeted run keeps for its end: a last evaluation, checkpoint and export."""
+        """Seconds a budgeted run keeps for its end: a last evaluation, checkpoint and export
+        (the plan's margin is not kept: a slightly slow run may use it before being cut)."""
         plan = self.budget.plan if self.budget is not None else None
         return EXPORT_RESERVE_S + (plan.eval_s + plan.checkpoint_s if plan is not None else 0.0)
 
