@@ -96,6 +96,7 @@ class AugmentConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     compile: bool = False  # torch.compile the view function (fuses its many small ops; views equal to ~1e-6)
+    repeats: int = 1  # repeated augmentation (DeiT): each epoch takes 1/repeats of the images, each in `repeats` views
     mix_prob: float = 1.0  # probability that a sample is mixed (when an alpha is > 0)
     switch_prob: float = 0.5  # probability of cutmix rather than mixup when both are on
 
@@ -110,6 +111,7 @@ class AugmentConfig:
         for name in ("mixup_alpha", "cutmix_alpha"):
             _check(getattr(self, name) >= 0, _join(key, name), "must be >= 0")
         _check(self.color_jitter is None or self.color_jitter >= 0, _join(key, "color_jitter"), "must be >= 0")
+        _check(self.repeats >= 1, _join(key, "repeats"), "must be >= 1")
         defaults = AugmentConfig()
         if self.crop != "rrc":
             for name in ("scale", "ratio"):
