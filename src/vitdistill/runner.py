@@ -62,9 +62,12 @@ def check_batch_size(batch_size: int, images: int, world: int) -> None:
 
 def check_resume_compatible(saved: dict, current: RunConfig) -> None:
     old, new = _flatten(absolute_paths_in(saved)), _flatten(to_dict(with_absolute_paths(current)))
+    defaults = _flatten(to_dict(RunConfig()))
     for key in sorted(set(old) | set(new)):
         if key.startswith(RESUMABLE_CHANGES):
             continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue  # a key newer than the checkpoint, at its default: the run it describes is the same
         if old.get(key) != new.get(key):
             raise UserError(f"--resume: {key} was {old.get(key)!r} in the checkpoint but is {new.get(key)!r} now; resume with the same recipe")
 

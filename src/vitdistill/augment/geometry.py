@@ -21,12 +21,24 @@ from ..rng import CounterRNG
 RRC_TRIES = 10
 
 
-def rrc_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:
-    """Random-resized-crop boxes with torchvision's algorithm (10 tries, then a centre crop)."""
+Size = int | torch.Tensor  # one size for the batch, or one per sample ([B])
+
+
+def per_sample(value: Size, like: torch.Tensor) -> torch.Tensor:
+    """``[B, 1]`` float64: a batch-wide size, or each sample's (variable-sized sources)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=torch.float64).reshape(-1, 1)
+    return torch.full((like.shape[0], 1), float(value), dtype=torch.float64, device=like.device)
+
+
+def rrc_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: Size, width: Size, scale, ratio) -> torch.Tensor:
+    """Random-resized-crop boxes with torchvision's algorithm (10 tries, then a centre crop),
+    over each sample's whole image."""
     # float64: exp/sqrt may differ in the last bit between eager and compiled code, which in
     # float32 can flip round(); the 24-bit uniforms themselves are exact either way
     u = rng.uniform(epoch, index, "rrc", 4 * RRC_TRIES).view(-1, RRC_TRIES, 4).to(torch.float64)
-    area = float(height * width)
+    height, width = per_sample(height, index), per_sample(width, index)  # [B, 1]
+    area = height * width
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
@@ -39,17 +51,15 @@ def rrc_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, h
     pick = lambda t: torch.gather(t, 1, first).squeeze(1)  # noqa: E731
     w, h, x1, y1 = pick(w), pick(h), pick(x1), pick(y1)
     # Fallback (no try fitted): the largest centred crop with the aspect clamped to `ratio`.
+    height, width = height[:, 0], width[:, 0]
     in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
-    w = torch.where(found, w, torch.full_like(w, fw))
-    h = torch.where(found, h, torch.full_like(h, fh))
-    x1 = torch.where(found, x1, torch.full_like(x1, (width - fw) // 2))
-    y1 = torch.where(found, y1, torch.full_like(y1, (height - fh) // 2))
+    narrow, wide = in_ratio < ratio[0], in_ratio > ratio[1]
+    fw = torch.where(wide, torch.round(height * ratio[1]), width)
+    fh = torch.where(narrow, torch.round(width / ratio[0]), height)
+    w = torch.where(found, w, fw)
+    h = torch.where(found, h, fh)
+    x1 = torch.where(found, x1, torch.floor((width - fw) / 2))
+    y1 = torch.where(found, y1, torch.floor((height - fh) / 2))
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1).to(torch.float32)
 
 
@@ -66,12 +76,16 @@ def first_true(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return leading.clamp(max=tries - 1).to(torch.int64)[:, None], leading < tries
 
 
-def pad_crop_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: int, width: int, pad: int) -> torch.Tensor:
-    """Pad-and-crop (the CIFAR recipe): a source-sized window shifted by up to ``pad`` pixels."""
+def pad_crop_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: Size, width: Size, pad: int) -> torch.Tensor:
+    """Pad-and-crop (the CIFAR recipe): the centred square of the short side (the whole image
+    when square), shifted by up to ``pad`` pixels."""
     u = rng.uniform(epoch, index, "padcrop", 2)
+    height, width = per_sample(height, index)[:, 0], per_sample(width, index)[:, 0]
+    side = torch.minimum(height, width)
     dx = torch.floor(u[:, 0] * (2 * pad + 1)) - pad
     dy = torch.floor(u[:, 1] * (2 * pad + 1)) - pad
-    return torch.stack([dx, dy, dx + width, dy + height], dim=1)
+    x1, y1 = torch.floor((width - side) / 2) + dx, torch.floor((height - side) / 2) + dy
+    return torch.stack([x1, y1, x1 + side, y1 + side], dim=1).to(torch.float32)
 
 
 def constant_boxes(n: int, box: tuple[float, float, float, float], device) -> torch.Tensor:
@@ -80,40 +94,55 @@ def constant_boxes(n: int, box: tuple[float, float, float, float], device) -> to
     return torch.stack([torch.full((n,), float(v), dtype=torch.float32, device=device) for v in box], dim=1)
 
 
-def centre_boxes(n: int, height: int, width: int, device, crop_pct: float = 1.0) -> torch.Tensor:
-    """The centred square crop of ``crop_pct`` of the short side (the evaluation view)."""
-    side = crop_pct * min(height, width)
+def centre_boxes(n: int, height: Size, width: Size, device, crop_pct: float = 1.0) -> torch.Tensor:
+    """The centred square crop of ``crop_pct`` of the short side (the evaluation view: timm's
+    resize to ``input_size / crop_pct`` then centre crop), per sample for variable sizes."""
+    if not isinstance(height, torch.Tensor) and not isinstance(width, torch.Tensor):
+        side = crop_pct * min(height, width)
+        x1, y1 = (width - side) / 2, (height - side) / 2
+        return constant_boxes(n, (x1, y1, x1 + side, y1 + side), device)
+    anchor = torch.zeros(n, device=device)
+    height, width = per_sample(height, anchor)[:, 0], per_sample(width, anchor)[:, 0]
+    side = crop_pct * torch.minimum(height, width)
     x1, y1 = (width - side) / 2, (height - side) / 2
-    return constant_boxes(n, (x1, y1, x1 + side, y1 + side), device)
+    return torch.stack([x1, y1, x1 + side, y1 + side], dim=1).to(torch.float32)
 
 
 def full_boxes(n: int, height: int, width: int, device) -> torch.Tensor:
     return constant_boxes(n, (0.0, 0.0, width, height), device)
 
 
-def sample_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: int, width: int, cfg: AugmentConfig) -> torch.Tensor:
-    """The training crop box of every sample."""
+def sample_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: Size, width: Size, cfg: AugmentConfig) -> torch.Tensor:
+    """The training crop box of every sample (``crop: none`` is the centred square of the short
+    side: the whole image when square, and the evaluation view's geometry otherwise)."""
     if cfg.crop == "rrc":
         return rrc_boxes(rng, epoch, index, height, width, cfg.scale, cfg.ratio)
     if cfg.crop == "pad":
         return pad_crop_boxes(rng, epoch, index, height, width, cfg.pad)
-    return full_boxes(index.shape[0], height, width, index.device)
+    return centre_boxes(index.shape[0], height, width, index.device)
 
 
 def sample_flips(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, prob: float) -> torch.Tensor:
     return rng.uniform(epoch, index, "hflip", 1)[:, 0] < prob
 
 
-def render(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int, pad: int = 0) -> torch.Tensor:
-    """Crop ``boxes`` out of uint8 ``[B, H, W, 3]`` images, resize to ``size``, flip.
+def render(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int, pad: int = 0, transposed: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop ``boxes`` out of uint8 ``[B, H, W, 3]`` records, resize to ``size``, flip.
 
     Returns float ``[B, 3, size, size]`` in [0, 1]. Boxes may reach ``pad`` pixels outside the
-    image; that part is zeros (the batch is zero-padded before ``roi_align``).
+    image; that part is zeros (the batch is zero-padded before ``roi_align``). ``transposed``
+    ([B] bool): records that hold their image transposed (portrait images of variable-sized
+    sources); their boxes, given in the image's own orientation, are read transposed and the
+    crop is transposed back, before the flip.
     """
     x = images.permute(0, 3, 1, 2).float()
     if pad:
         x = F.pad(x, (pad, pad, pad, pad))
+    if transposed is not None:
+        boxes = torch.where(transposed[:, None], boxes[:, [1, 0, 3, 2]], boxes)
     rois = torch.cat([torch.arange(x.shape[0], device=x.device, dtype=x.dtype)[:, None], boxes.to(x.dtype) + pad], dim=1)
     out = roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    if transposed is not None:
+        out = torch.where(transposed[:, None, None, None], out.transpose(-1, -2), out)
     out = torch.where(flips[:, None, None, None], out.flip(-1), out)
     return out * (1.0 / 255.0)

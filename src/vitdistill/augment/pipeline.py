@@ -40,6 +40,14 @@ class ViewBatch:
     partner_flips: torch.Tensor  # [B] bool, the partner view's flip (== flips when unmixed)
     lam: torch.Tensor  # [B] own share of the image/label (1.0 when unmixed)
     mix_boxes: torch.Tensor  # [B, 4] cutmix region in output pixels (empty when none)
+    view: torch.Tensor | None = None  # [B] view key, index + repeat * N: what the view's randomness is keyed by (default: index)
+    partner_view: torch.Tensor | None = None  # [B] the partner view's key (default: partner)
+
+    def __post_init__(self):
+        if self.view is None:  # no repeated augmentation: a sample's one view per epoch
+            self.view = self.index
+        if self.partner_view is None:
+            self.partner_view = self.partner
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -77,6 +85,8 @@ class Augmenter:
         self.workers = workers
         self.images, self.on_device = place_images(source, device, placement)
         self.labels = source.labels.to(device)
+        # variable-sized sources: each record's true (height, width, transposed), on the view device
+        self.sizes = source.sizes.to(device) if source.sizes is not None else None
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self._partners: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -92,11 +102,24 @@ class Augmenter:
 
     @property
     def height(self) -> int:
+        """The records' height (every image's, when ``sizes`` is None)."""
         return self.source.image_size[0]
 
     @property
     def width(self) -> int:
         return self.source.image_size[1]
+
+    def geometry(self, index: torch.Tensor) -> tuple[torch.Tensor | int, torch.Tensor | int, torch.Tensor | None]:
+        """Height, width and transposition of the images ``index`` (Python ints and None when
+        every image fills its record: the fast path of same-sized data)."""
+        if self.sizes is None:
+            return self.height, self.width, None
+        sizes = self.sizes[index]
+        return sizes[:, 0], sizes[:, 1], sizes[:, 2].bool()
+
+    def sample_index(self, keys: torch.Tensor) -> torch.Tensor:
+        """The sample index of view keys (``index + repeat * N``)."""
+        return keys % len(self.source) if self.cfg.repeats > 1 else keys
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
         return self.images[index.to(self.images.device)].to(self.device, non_blocking=True)
@@ -104,16 +127,17 @@ class Augmenter:
     def _partners_for(self, epoch: int, on_device: bool = False) -> torch.Tensor:
         """This epoch's partner table (see :func:`partner_table`), on the CPU or the device."""
         if self._partners is None or self._partners[0] != epoch:
-            table = partner_table(self.rng, epoch, len(self.source))
+            table = partner_table(self.rng, epoch, len(self.source) * self.cfg.repeats)  # over view keys
             self._partners = (epoch, table, table.to(self.device))
         return self._partners[2] if on_device else self._partners[1]
 
-    def pixels_needed(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Source images a training batch reads: its own, then (with mixing) its partners', on
-        the index's own device (no host-device round trip)."""
+    def pixels_needed(self, keys: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Source images a training batch of view keys reads: its own, then (with mixing) its
+        partners', on the keys' own device (no host-device round trip)."""
         if not mixing_enabled(self.cfg):
-            return index
-        return torch.cat([index, self._partners_for(epoch, on_device=index.device.type != "cpu")[index]])
+            return self.sample_index(keys)
+        partners = self._partners_for(epoch, on_device=keys.device.type != "cpu")[keys]
+        return self.sample_index(torch.cat([keys, partners]))
 
     def to_device(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """An epoch's index batches on the view device in one copy (one per step would block
@@ -133,101 +157,112 @@ class Augmenter:
         for index, pixels in zip(on_device, prefetch(self.images, needed, self.device, self.workers)):
             yield self.train_batch(index, epoch, pixels)
 
-    def _views(self, index: torch.Tensor, epoch: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalised views of ``index`` in ``epoch``, with their crop boxes and flips.
+    def _views(self, keys: torch.Tensor, epoch: torch.Tensor, pixels: torch.Tensor, height, width, transposed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised views of ``keys`` (view keys) in ``epoch``, with their crop boxes (in each
+        image's own pixels and orientation) and flips; ``height``, ``width``, ``transposed`` from
+        :meth:`geometry`.
 
         Order (timm's): crop + resize, flip, RandAugment or colour jitter, normalise, erase.
         """
         cfg, rng = self.cfg, self.rng
-        boxes = sample_boxes(rng, epoch, index, self.height, self.width, cfg)
-        flips = sample_flips(rng, epoch, index, cfg.hflip)
+        boxes = sample_boxes(rng, epoch, keys, height, width, cfg)
+        flips = sample_flips(rng, epoch, keys, cfg.hflip)
         pad = cfg.pad if cfg.crop == "pad" else 0
-        images = render(pixels, boxes, flips, cfg.input_size, pad)
+        images = render(pixels, boxes, flips, cfg.input_size, pad, transposed)
         if self.rand_augment is not None:
-            images = rand_augment(images, rng, epoch, index, self.rand_augment, self.fill)
+            images = rand_augment(images, rng, epoch, keys, self.rand_augment, self.fill)
         elif cfg.color_jitter:
-            images = color_jitter(images, rng, epoch, index, cfg.color_jitter)
+            images = color_jitter(images, rng, epoch, keys, cfg.color_jitter)
         images = self.normalise(images)
         if cfg.erase_prob > 0:
-            images = random_erase(images, rng, epoch, index, cfg.erase_prob)
+            images = random_erase(images, rng, epoch, keys, cfg.erase_prob)
         return images, boxes, flips
 
-    def views(self, index: torch.Tensor, epoch: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def views(self, keys: torch.Tensor, epoch: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`_views`, compiled when ``augment.compile``: for one static batch size (the
         first seen; a smaller batch is padded with copies of its last sample, which change
-        nothing for the others since every view depends only on its own index)."""
-        if not self.cfg.compile:
-            return self._views(index, epoch, pixels)
-        n = index.shape[0]
-        if self.compiled_batch is None or n > self.compiled_batch:
-            self.compiled_batch = n
-        pad = self.compiled_batch - n
-        if pad:
-            index = torch.cat([index, index[-1:].expand(pad)])
-            pixels = torch.cat([pixels, pixels[-1:].expand(pad, *pixels.shape[1:])])
-        images, boxes, flips = self._compiled_views(index, epoch, pixels)
+        nothing for the others since every view depends only on its own key)."""
+        n = keys.shape[0]
+        if self.cfg.compile:
+            if self.compiled_batch is None or n > self.compiled_batch:
+                self.compiled_batch = n
+            pad = self.compiled_batch - n
+            if pad:
+                keys = torch.cat([keys, keys[-1:].expand(pad)])
+                pixels = torch.cat([pixels, pixels[-1:].expand(pad, *pixels.shape[1:])])
+        height, width, transposed = self.geometry(self.sample_index(keys))
+        run = self._compiled_views if self.cfg.compile else self._views
+        images, boxes, flips = run(keys, epoch, pixels, height, width, transposed)
         return images[:n], boxes[:n], flips[:n]
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
 
-    def train_batch(self, index: torch.Tensor, epoch: int, pixels: torch.Tensor | None = None) -> ViewBatch:
-        """The training views of ``index`` (a 1-D int64 tensor) in ``epoch``; ``pixels`` are the
-        source images of :meth:`pixels_needed` when already gathered."""
+    def train_batch(self, keys: torch.Tensor, epoch: int, pixels: torch.Tensor | None = None) -> ViewBatch:
+        """The training views of ``keys`` (a 1-D int64 tensor of view keys: sample indices
+        unless ``augment.repeats > 1``) in ``epoch``; ``pixels`` are the source images of
+        :meth:`pixels_needed` when already gathered."""
         if pixels is None:
-            pixels = self._gather(self.pixels_needed(index, epoch))
-        index = index.to(self.device)  # a no-op for the device indices of train_batches
-        n = index.shape[0]
+            pixels = self._gather(self.pixels_needed(keys, epoch))
+        keys = keys.to(self.device)  # a no-op for the device keys of train_batches
+        index = self.sample_index(keys)
+        n = keys.shape[0]
         epoch_t = torch.full((), epoch, dtype=torch.int64, device=self.device)  # an input, not a constant, to compiled views
-        images, boxes, flips = self.views(index, epoch_t, pixels[:n])
-        plan = self._plan(index, epoch)
+        images, boxes, flips = self.views(keys, epoch_t, pixels[:n])
+        plan = self._plan(keys, epoch)
         partner_boxes, partner_flips = boxes, flips
         if mixing_enabled(self.cfg):
             # Partner views are rendered for every sample (unmixed ones ignore theirs): no
             # data-dependent shapes, no device sync.
-            table_partner = self._partners_for(epoch, on_device=True)[index]
+            table_partner = self._partners_for(epoch, on_device=True)[keys]
             partner_images, table_boxes, table_flips = self.views(table_partner, epoch_t, pixels[n:])
             images = apply_mixing(images, partner_images, plan)
             partner_boxes = torch.where(plan.is_mixed[:, None], table_boxes, boxes)
             partner_flips = torch.where(plan.is_mixed, table_flips, flips)
+        partner = self.sample_index(plan.partner)
         return self._deliver(ViewBatch(
             images=images,
             labels=self.labels[index],
             index=index,
             epoch=epoch,
+            view=keys,
             boxes=boxes,
             flips=flips,
-            partner=plan.partner,
-            partner_labels=self.labels[plan.partner],
+            partner=partner,
+            partner_labels=self.labels[partner],
             partner_boxes=partner_boxes,
             partner_flips=partner_flips,
             lam=plan.lam,
             mix_boxes=plan.box,
+            partner_view=plan.partner,
         ))
 
     def _deliver(self, batch: ViewBatch) -> ViewBatch:
         return batch if self.output_device == self.device else batch.to(self.output_device)
 
-    def _plan(self, index: torch.Tensor, epoch: int) -> MixPlan:
+    def _plan(self, keys: torch.Tensor, epoch: int) -> MixPlan:
+        """How each view is mixed; ``partner`` holds the partner's view key."""
         if mixing_enabled(self.cfg):
-            return plan_mixing(self.rng, epoch, index, self._partners_for(epoch, on_device=True), self.cfg, self.cfg.input_size)
-        n = index.shape[0]
+            return plan_mixing(self.rng, epoch, keys, self._partners_for(epoch, on_device=True), self.cfg, self.cfg.input_size)
+        n = keys.shape[0]
         false = torch.zeros(n, dtype=torch.bool, device=self.device)
-        return MixPlan(partner=index, lam=torch.ones(n, device=self.device), box=torch.zeros(n, 4, device=self.device), is_cutmix=false, is_mixed=false)
+        return MixPlan(partner=keys, lam=torch.ones(n, device=self.device), box=torch.zeros(n, 4, device=self.device), is_cutmix=false, is_mixed=false)
 
     def eval_batch(self, index: torch.Tensor) -> ViewBatch:
         """Deterministic evaluation views: centre crop of ``eval_crop_pct``, resized."""
         index = index.to(self.device)
         n = index.shape[0]
-        boxes = centre_boxes(n, self.height, self.width, self.device, self.cfg.eval_crop_pct)
+        height, width, transposed = self.geometry(index)
+        boxes = centre_boxes(n, height, width, self.device, self.cfg.eval_crop_pct)
         flips = torch.zeros(n, dtype=torch.bool, device=self.device)
-        images = render(self._gather(index), boxes, flips, self.cfg.input_size)
+        images = render(self._gather(index), boxes, flips, self.cfg.input_size, transposed=transposed)
         labels = self.labels[index]
         return self._deliver(ViewBatch(
             images=self.normalise(images),
             labels=labels,
             index=index,
             epoch=-1,
+            view=index,
             boxes=boxes,
             flips=flips,
             partner=index,

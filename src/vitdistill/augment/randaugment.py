@@ -429,6 +429,30 @@ def apply_slot(x: torch.Tensor, draws: SlotDraws, transforms: tuple[str, ...], f
     return torch.where(geometric.view(b, 1, 1, 1), warp_affine(x, matrix, fill), out)
 
 
+def slot_geometry(draws: SlotDraws, transforms: tuple[str, ...], height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine warp a slot applied to each sample (Pillow matrices ``[B, 2, 3]`` float64, the
+    identity where no geometric op was drawn) and whether it applied one ``[B]``: exactly what
+    :func:`apply_slot` warps the image with."""
+    b = draws.op.shape[0]
+    matrix = torch.eye(2, 3, dtype=torch.float64, device=draws.op.device).expand(b, 2, 3)
+    geometric = torch.zeros(b, dtype=torch.bool, device=draws.op.device)
+    for k, name in enumerate(transforms):
+        op = OPS[name]
+        if op.geometry is None:
+            continue
+        chosen = draws.applied & (draws.op == k)
+        matrix = torch.where(chosen.view(b, 1, 1), op.geometry(op.level_to_arg(draws.level, draws.sign), height, width), matrix)
+        geometric = geometric | chosen
+    return matrix, geometric
+
+
+def geometric_warps(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, spec: RandAugmentSpec, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per op slot, the warp RandAugment applied to each ``size x size`` view (see
+    :func:`slot_geometry`): re-derived from the same draws, so targets laid over a view (token
+    labels) can follow its rotations, shears and translations."""
+    return [slot_geometry(draw_slot(rng, epoch, index, spec, slot), spec.transforms, size, size) for slot in range(spec.num_ops)]
+
+
 def fill_levels(fill: tuple[float, float, float], device, dtype=torch.float32) -> torch.Tensor:
     """timm's ``img_mean`` fill colour in 0..255 (a ``[3]`` tensor on ``device``; make it once
     per device: building it from a Python list is a host-to-device copy)."""

@@ -56,7 +56,8 @@ class DataConfig:
     eval_split: str = "test"
     train_limit: int | None = None  # use a class-balanced slice of this many images (quick runs)
     eval_limit: int | None = None
-    source_size: int | None = None  # decode variable-sized images to this square size
+    source_size: int | None = None  # variable-sized images: short side in pixels (aspect kept, see max_aspect)
+    max_aspect: float = 4 / 3  # long side kept up to this times the short side (centre-cropped beyond)
     cache_dir: str | None = None  # decoded-array cache; default $VITDISTILL_CACHE or ~/.cache/vitdistill
     download: bool = False  # torchvision CIFAR only
     placement: Literal["auto", "device", "host"] = "auto"  # decoded images on the GPU, or host + prefetch
@@ -73,6 +74,7 @@ class DataConfig:
             value = getattr(self, name)
             _check(value is None or value > 0, _join(key, name), "must be positive")
         _check(all(s > 0 for s in self.std), _join(key, "std"), "must be positive")
+        _check(self.max_aspect >= 1, _join(key, "max_aspect"), "must be >= 1 (long side / short side)")
         if self.source == "imagefolder":
             _check(self.root is not None, _join(key, "root"), "imagefolder needs a root folder or archive")
         if self.source == "hf":

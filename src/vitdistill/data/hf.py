@@ -23,7 +23,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import UserError
-from .imagefolder import check_skipped, decode_files, load_decoded, read_skipped
+from .imagefolder import check_skipped, decode_files, load_decoded, read_sizes, read_skipped, record_shape
 from .source import ImageSource, cache_root, hash_items, limit_positions
 
 
@@ -130,12 +130,13 @@ def open_hf(cfg: DataConfig, split: str, limit: int | None) -> ImageSource:
     labels = [labels[i] for i in keep]
     items_hash = hash_items([f"{i}\t{y}" for i, y in zip(keep, labels)])
     # The dataset's own fingerprint (datasets' cache key: its files and history) pins the content.
-    key = hash_items([items_hash, ds._fingerprint, str(cfg.source_size), str(root.resolve()), image_column])[:20]
+    shape = record_shape(cfg)
+    key = hash_items([items_hash, ds._fingerprint, repr(shape), str(root.resolve()), image_column])[:20]
     array_path = cache / "decoded" / f"hf-{root.name}-{split}-{len(keep)}-{key}.npy"
     names = [f"{root}/{split} row {i}" for i in keep]
     if not array_path.is_file():
         images = EncodedImages(ds, image_column, keep)
-        decode_files(images, cfg.source_size, array_path, f"decoding {root.name}/{split}", cfg.on_corrupt, names)
+        decode_files(images, shape, array_path, f"decoding {root.name}/{split}", cfg.on_corrupt, names)
     corrupt = read_skipped(array_path)
     check_skipped(corrupt, cfg.on_corrupt)
     if corrupt:  # rows left out (data.on_corrupt=skip): the others keep their order
@@ -152,4 +153,5 @@ def open_hf(cfg: DataConfig, split: str, limit: int | None) -> ImageSource:
         items_hash=items_hash,
         memory_mapped=memory_mapped,
         skipped={"corrupt": corrupt} if corrupt else {},
+        sizes=read_sizes(array_path),
     )

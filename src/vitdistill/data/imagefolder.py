@@ -3,8 +3,10 @@
 Images are decoded once, in parallel, straight into a ``.npy`` file in the cache folder (written
 through a memory map, so ImageNet-sized splits never need to fit in RAM). Later runs load the
 file into RAM when it takes at most half of the available memory, and memory-map it otherwise.
-Variable-sized images are resized (short side) and centre-cropped to ``data.source_size`` so that
-the split is one array; same-sized images are kept as they are.
+Variable-sized images keep their aspect (:class:`RecordShape`): short side ``data.source_size``,
+long side up to ``data.max_aspect`` times that, in fixed-size zero-padded records with each
+image's true size beside them, so crops can cover the whole image; same-sized images without
+``data.source_size`` are kept as they are.
 
 The cache is keyed by the file list, the labels and every file's size and modification time, so
 an edited or replaced image is decoded again. A file that cannot be decoded is an error naming
@@ -22,6 +24,7 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -114,28 +117,57 @@ def files_signature(split_dir: Path, files: list[str]) -> str:
 DECODE_CHUNK = 4096  # images handed to the worker pool at once (bounds the encoded bytes held)
 
 
-def _decode(args: tuple[str | bytes, int | None]) -> tuple[np.ndarray | None, str | None]:
-    """One image (a file path or its encoded bytes) as ``[H, W, 3]`` uint8 at ``size`` if given,
-    or None and what went wrong. Pillow raises many exception types for damaged files --
-    OSError, SyntaxError, ValueError, DecompressionBombError -- so all are caught here and
-    reported with the image's name by the caller."""
+@dataclass(frozen=True)
+class RecordShape:
+    """How variable-sized images are stored: short side ``size``, long side kept up to
+    ``max_aspect`` times it (centre-cropped beyond), laid along the record's width (portrait
+    images are stored transposed), in a fixed ``[size, round(size * max_aspect)]`` record padded
+    with zeros. None of it applies to a split whose images all have one size and no
+    ``data.source_size``: those are stored as they are."""
+
+    size: int | None
+    max_aspect: float = 4 / 3
+
+    @property
+    def record(self) -> tuple[int, int] | None:
+        return None if self.size is None else (self.size, round(self.size * self.max_aspect))
+
+
+def _decode(args: tuple[str | bytes, RecordShape]) -> tuple[np.ndarray | None, tuple[int, int, int] | None, str | None]:
+    """One image (a file path or its encoded bytes) as a uint8 record, its true size
+    ``(height, width, transposed)`` in the record's pixels (orientation of the image), or None and
+    what went wrong. Pillow raises many exception types for damaged files -- OSError,
+    SyntaxError, ValueError, DecompressionBombError -- so all are caught here and reported with
+    the image's name by the caller."""
     from PIL import Image
 
-    path, size = args
+    path, shape = args
     try:
         with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
             img = img.convert("RGB")
-            if size is not None:
-                w, h = img.size
-                scale = size / min(w, h)
-                if (w, h) != (size, size):
-                    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-                    w, h = img.size
-                    left, top = (w - size) // 2, (h - size) // 2
-                    img = img.crop((left, top, left + size, top + size))
-            return np.asarray(img, dtype=np.uint8), None
+            if shape.size is None:
+                array = np.asarray(img, dtype=np.uint8)
+                return array, (array.shape[0], array.shape[1], 0), None
+            size, (rows, cols) = shape.size, shape.record
+            w, h = img.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            if (nw, nh) != (w, h):
+                img = img.resize((nw, nh), Image.BICUBIC)
+            transposed = nh > nw  # portrait: the long side goes along the record's width
+            if transposed:
+                img = img.transpose(Image.Transpose.TRANSPOSE)
+                nw, nh = nh, nw
+            if nw > cols:  # beyond max_aspect: keep the centre of the long side
+                left = (nw - cols) // 2
+                img = img.crop((left, 0, left + cols, nh))
+                nw = cols
+            record = np.zeros((rows, cols, 3), dtype=np.uint8)
+            record[:nh, :nw] = np.asarray(img, dtype=np.uint8)
+            true = (nw, nh) if transposed else (nh, nw)  # (height, width) of the image as it is seen
+            return record, (true[0], true[1], int(transposed)), None
     except Exception as err:  # noqa: BLE001 - see the docstring
-        return None, f"{type(err).__name__}: {err}"
+        return None, None, f"{type(err).__name__}: {err}"
 
 
 def skipped_path(out: Path) -> Path:
@@ -143,16 +175,25 @@ def skipped_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".npy") + ".skipped.json")
 
 
-def decode_files(paths: Sequence[str | bytes], size: int | None, out: Path, desc: str, on_corrupt: str = "error",
+def sizes_path(out: Path) -> Path:
+    """The true ``(height, width, transposed)`` of every record (beside it; only for
+    variable-sized images)."""
+    return out.with_name(out.name.removesuffix(".npy") + ".sizes.npy")
+
+
+def decode_files(paths: Sequence[str | bytes], shape: RecordShape | int | None, out: Path, desc: str, on_corrupt: str = "error",
                  names: Sequence[str] | None = None) -> list[int]:
     """Decode all ``paths`` (file paths or encoded images; any sequence that slices, read
-    :data:`DECODE_CHUNK` at a time) into one ``[N, H, W, 3]`` array saved (atomically) at ``out``.
+    :data:`DECODE_CHUNK` at a time) into one ``[N, H, W, 3]`` array saved (atomically) at ``out``,
+    as :class:`RecordShape` describes; with a record shape the true sizes are saved beside it.
 
     An undecodable image is an error naming it (``names[i]``, default the path;
     ``on_corrupt='error'``) or is left out (``'skip'``: the array holds the others, in order;
     their names are recorded beside the array and their positions returned). Temporary files
     are removed on every failure.
     """
+    shape = shape if isinstance(shape, RecordShape) else RecordShape(shape)
+    sizes = np.zeros((len(paths), 3), dtype=np.int32)
     names = paths if names is None else names
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}.npy")
@@ -163,33 +204,34 @@ def decode_files(paths: Sequence[str | bytes], size: int | None, out: Path, desc
 
     def decoded():
         for start in range(0, len(paths), DECODE_CHUNK):
-            jobs = [(p, size) for p in paths[start : start + DECODE_CHUNK]]
+            jobs = [(p, shape) for p in paths[start : start + DECODE_CHUNK]]
             yield from pool.map(_decode, jobs, chunksize=chunksize)
 
     bad: list[int] = []
-    array, shape, kept = None, None, 0
+    array, record, kept = None, None, 0
     try:
-        for i, (img, error) in enumerate(progress(decoded(), total=len(paths), desc=desc)):
+        for i, (img, true_size, error) in enumerate(progress(decoded(), total=len(paths), desc=desc)):
             if error is not None:
                 if on_corrupt == "error":
                     raise UserError(f"data: cannot decode {names[i]} ({error}); replace or delete it, or set data.on_corrupt=skip to leave it out")
                 bad.append(i)
                 continue
             if array is None:
-                shape = img.shape
-                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *shape))
-            if img.shape != shape:
+                record = img.shape
+                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *record))
+            if img.shape != record:
                 raise UserError(
                     f"data: images have different sizes ({names[i]} is {img.shape[1]}x{img.shape[0]}, "
-                    f"the first is {shape[1]}x{shape[0]}); set data.source_size to decode them to one size"
+                    f"the first is {record[1]}x{record[0]}); set data.source_size to decode them with their short side at that size"
                 )
             array[kept] = img
+            sizes[kept] = true_size
             kept += 1
         if array is None:
             raise UserError(f"data: none of the {len(paths):,} images could be decoded (e.g. {names[bad[0]]})")
         array.flush()
         if bad:  # keep the decoded images only: a copy into an array of the right length
-            final = np.lib.format.open_memmap(compact, mode="w+", dtype=np.uint8, shape=(kept, *shape))
+            final = np.lib.format.open_memmap(compact, mode="w+", dtype=np.uint8, shape=(kept, *record))
             for first in range(0, kept, 4096):
                 final[first : first + 4096] = array[first : min(first + 4096, kept)]
             final.flush()
@@ -197,6 +239,8 @@ def decode_files(paths: Sequence[str | bytes], size: int | None, out: Path, desc
             os.replace(compact, tmp)
         del array
         skipped_path(out).write_text(json.dumps({"corrupt": [str(names[i]) for i in bad]}))
+        if shape.size is not None:
+            np.save(sizes_path(out), sizes[:kept])
         os.replace(tmp, out)
     finally:
         if isinstance(pool, ProcessPoolExecutor):
@@ -210,6 +254,17 @@ def read_skipped(array_path: Path) -> list[str]:
     """The undecodable images a cached array left out (an older cache without the list: none)."""
     path = skipped_path(array_path)
     return json.loads(path.read_text()).get("corrupt", []) if path.is_file() else []
+
+
+def read_sizes(array_path: Path) -> torch.Tensor | None:
+    """The records' true ``(height, width, transposed)`` ``[N, 3]`` int32, or None when the
+    images are stored as they are (all one size)."""
+    path = sizes_path(array_path)
+    return torch.from_numpy(np.load(path)) if path.is_file() else None
+
+
+def record_shape(cfg: DataConfig) -> RecordShape:
+    return RecordShape(cfg.source_size, cfg.max_aspect)
 
 
 def check_skipped(corrupt: list[str], on_corrupt: str) -> None:
@@ -267,11 +322,12 @@ def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSou
     files = [files[i] for i in keep]
     labels = [labels[i] for i in keep]
     listing = hash_items([f"{f}\t{y}" for f, y in zip(files, labels)])
-    key = hash_items([listing, files_signature(split_dir, files), str(cfg.source_size), str(split_dir.resolve())])[:20]
+    shape = record_shape(cfg)
+    key = hash_items([listing, files_signature(split_dir, files), repr(shape), str(split_dir.resolve())])[:20]
     array_path = cache / "decoded" / f"{split_dir.parent.name}-{split}-{len(files)}-{key}.npy"
     paths = [str(split_dir / f) for f in files]
     if not array_path.is_file():
-        decode_files(paths, cfg.source_size, array_path, f"decoding {split_dir.parent.name}/{split}", cfg.on_corrupt)
+        decode_files(paths, shape, array_path, f"decoding {split_dir.parent.name}/{split}", cfg.on_corrupt)
     corrupt = read_skipped(array_path)
     check_skipped(corrupt, cfg.on_corrupt)
     if corrupt:
@@ -290,5 +346,6 @@ def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSou
         items_hash=hash_items([f"{f}\t{y}" for f, y in zip(files, labels)]),
         memory_mapped=memory_mapped,
         skipped=skipped,
+        sizes=read_sizes(array_path),
     )
 

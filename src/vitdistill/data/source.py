@@ -29,6 +29,9 @@ class ImageSource:
     items_hash: str  # hash of the ordered sample list (file names + labels)
     memory_mapped: bool = False  # images read from disk on demand (larger than the RAM budget)
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> files left out (not_image, corrupt)
+    # Variable-sized images: [N, 3] int32 true (height, width, transposed) of each zero-padded
+    # record (portrait images are stored transposed); None when every image fills its record.
+    sizes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -39,6 +42,7 @@ class ImageSource:
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """The record size ``(height, width)`` (every image's size when ``sizes`` is None)."""
         return int(self.images.shape[1]), int(self.images.shape[2])
 
     def fingerprint(self) -> dict:
@@ -49,6 +53,7 @@ class ImageSource:
             "classes": list(self.classes),
             "items_sha256": self.items_hash,
             "image_size": list(self.image_size),
+            **({"sizes_sha256": hashlib.sha256(self.sizes.numpy().tobytes()).hexdigest()} if self.sizes is not None else {}),
         }
 
 

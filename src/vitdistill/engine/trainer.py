@@ -269,7 +269,7 @@ class Trainer:
         # Dropout / drop-path draw from torch's global generator: seed it per epoch so a
         # resumed run continues exactly like an uninterrupted one.
         torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank, "torch"))
-        batches = train_batches(len(self.train_views.source), cfg.optim.batch_size, self.train_views.rng, epoch, env.rank, env.world)
+        batches = train_batches(len(self.train_views.source), cfg.optim.batch_size, self.train_views.rng, epoch, env.rank, env.world, cfg.augment.repeats)
         sums: dict[str, torch.Tensor] = {}
         images, updates = 0, 0
         guard = self.guard

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..augment.geometry import full_boxes, render
 from ..config import RunConfig
 from ..config.paths import with_absolute_paths
 from ..data import ImageSource
@@ -49,7 +48,7 @@ class LabelMapManifest:
     grid: list[int]  # [h, w] of the teacher's feature map
     num_classes: int
     count: int
-    source_size: list[int]  # [H, W] of the cached source images the map covers
+    source_size: list[int]  # [H, W] of the cached source records the map covers
     dataset: dict
     teacher: dict
     precision: str
@@ -79,11 +78,11 @@ def dense_scores(teacher: OnlineTeacher, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def whole_image_scores(teacher: OnlineTeacher, source: ImageSource, index: torch.Tensor, mean, std, device, precision: str) -> torch.Tensor:
-    """Dense scores of the whole source images ``index`` (normalised like the student's views)."""
-    height, width = source.image_size
+    """Dense scores of the whole cached records ``index`` (normalised like the student's views):
+    the map covers each record as stored (a variable-sized image in its zero-padded record,
+    portrait images transposed), so crop boxes map onto it as onto the pixels."""
     pixels = source.images[index].to(device)
-    n = len(index)
-    images = render(pixels, full_boxes(n, height, width, device), torch.zeros(n, dtype=torch.bool, device=device), max(height, width))
+    images = pixels.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
     mean_t, std_t = torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
     with autocast(device, precision):
         return dense_scores(teacher, (images - mean_t) / std_t).float()

@@ -25,22 +25,31 @@ from torchvision.ops import roi_align
 
 from ..augment import ViewBatch
 from ..augment.mixing import token_own_share
+from ..augment.randaugment import geometric_warps, parse_rand_augment, warp_affine
 from ..config import RunConfig
 from ..data import ImageSource
 from ..errors import UserError
 from ..targets import TeacherPrediction
+from ..rng import CounterRNG
 from ..targets.offline import check_provenance, file_sha256
 from .maps import RECORDS, LabelMapManifest
 
-def pool_tokens(dense: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, source_size, grid) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_tokens(dense: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, source_size, grid, transposed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool ``[B, C, h, w]`` maps over each crop box (source pixels) to ``grid`` tokens and to one
-    value for the whole crop: ``([B, gh * gw, C], [B, C])`` in raster order, flips applied."""
+    value for the whole crop: ``([B, gh * gw, C], [B, C])`` in raster order, flips applied.
+    ``transposed`` ([B] bool): records that hold their image transposed (as in
+    :func:`~vitdistill.augment.geometry.render`: the box is read transposed and the pooled grid
+    transposed back)."""
     b, _, h, w = dense.shape
+    if transposed is not None:
+        boxes = torch.where(transposed[:, None], boxes[:, [1, 0, 3, 2]], boxes)
     sx, sy = w / source_size[1], h / source_size[0]  # Python scales: no host-to-device copy
     scaled = torch.stack([boxes[:, 0] * sx, boxes[:, 1] * sy, boxes[:, 2] * sx, boxes[:, 3] * sy], dim=1)
     rois = torch.cat([torch.arange(b, device=dense.device, dtype=dense.dtype)[:, None], scaled.to(dense.dtype)], dim=1)
     tokens = roi_align(dense, rois, output_size=tuple(grid), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     crop = roi_align(dense, rois, output_size=(1, 1), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    if transposed is not None:
+        tokens = torch.where(transposed[:, None, None, None], tokens.transpose(-1, -2), tokens)
     tokens = torch.where(flips[:, None, None, None], tokens.flip(-1), tokens)
     return tokens.flatten(2).transpose(1, 2), crop.flatten(1)
 
@@ -64,17 +73,18 @@ class LabelMapTargets:
         self.folder = Path(folder)
         self.manifest = manifest = LabelMapManifest.read(self.folder)
         check_provenance(f"teacher.label_maps: {self.folder} was written for", manifest.dataset, manifest.teacher, manifest.k, cfg, source)
-        if cfg.augment.rand_augment:
-            raise UserError(
-                "teacher.label_maps: token targets follow crops and flips, but RandAugment's rotate/shear/translate "
-                "move the image under them; use augment.color_jitter instead of augment.rand_augment"
-            )
+        # RandAugment's rotate/shear/translate move the view under its tokens: the token targets
+        # follow (the warps are re-derived from the view's own random draws)
+        self.rand_augment = parse_rand_augment(cfg.augment.rand_augment) if cfg.augment.rand_augment else None
+        self.view_size = cfg.augment.input_size
+        self.rng = CounterRNG(cfg.seed)
         records = read_records(self.folder, manifest)
         self.ids = torch.from_numpy(np.ascontiguousarray(records["ids"])).to(device)  # [N, h, w, k] int16: widened per batch
         self.scores = torch.from_numpy(np.ascontiguousarray(records["scores"])).to(device)
         self.mode = cfg.teacher.label_map_mode
         self.grid = grid
         self.source_size = manifest.source_size
+        self.transposed = source.sizes[:, 2].bool().to(device) if source.sizes is not None else None  # portrait records
 
     def dense(self, index: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]``: per-location probabilities (topk_softmax) or zero-filled logits."""
@@ -85,18 +95,49 @@ class LabelMapTargets:
         return dense.permute(0, 3, 1, 2)
 
     def targets(self, index, boxes, flips) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, crop = pool_tokens(self.dense(index), boxes, flips, self.source_size, self.grid)
+        transposed = self.transposed[index] if self.transposed is not None else None
+        tokens, crop = pool_tokens(self.dense(index), boxes, flips, self.source_size, self.grid, transposed)
         return to_distribution(tokens, self.mode), to_distribution(crop, self.mode)
+
+    def follow_warps(self, tokens: torch.Tensor, epoch: int, keys: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C]`` token targets warped as RandAugment warped the views of ``keys``."""
+        if self.rand_augment is None:
+            return tokens
+        return warp_token_targets(tokens, geometric_warps(self.rng, epoch, keys, self.rand_augment, self.view_size), self.grid, self.view_size)
 
     def __call__(self, batch: ViewBatch) -> TeacherPrediction:
         own_tokens, own_crop = self.targets(batch.index, batch.boxes, batch.flips)
         partner_tokens, partner_crop = self.targets(batch.partner, batch.partner_boxes, batch.partner_flips)
+        if batch.epoch >= 0:  # training views (evaluation views are not augmented)
+            own_tokens = self.follow_warps(own_tokens, batch.epoch, batch.view)
+            partner_tokens = self.follow_warps(partner_tokens, batch.epoch, batch.partner_view)
         share = token_own_share(batch.mix_boxes, batch.lam, batch.images.shape[-2:], own_tokens.shape[1])[..., None]
         lam = batch.lam.float()[:, None]
         return TeacherPrediction(
             probs=lam * own_crop + (1 - lam) * partner_crop,
             token_probs=share * own_tokens + (1 - share) * partner_tokens,
         )
+
+
+def warp_token_targets(tokens: torch.Tensor, warps: list[tuple[torch.Tensor, torch.Tensor]], grid, view_size: int) -> torch.Tensor:
+    """Apply views' affine warps (per slot: Pillow matrices over the ``view_size`` view and where
+    they applied, :func:`~vitdistill.augment.randaugment.geometric_warps`) to ``[B, N, C]``
+    token targets on the ``grid`` raster, in slot order, as the pixels were warped.
+
+    A token is a ``view_size / g`` square of the view, so the same matrix in token units keeps
+    its linear part and divides its translation by the token side; each token takes the
+    bilinear target of the point it came from, and one whose source lies outside the view (the
+    fill colour in the image) the uniform distribution.
+    """
+    b, n, c = tokens.shape
+    gh, gw = grid
+    maps = tokens.transpose(1, 2).reshape(b, c, gh, gw)
+    uniform = torch.full((c,), 1.0 / c, dtype=maps.dtype, device=maps.device)
+    scale = torch.tensor([[1.0, 1.0, gw / view_size], [1.0, 1.0, gh / view_size]], dtype=torch.float64, device=maps.device)
+    for matrix, applied in warps:
+        warped = warp_affine(maps, matrix * scale, uniform)
+        maps = torch.where(applied.view(b, 1, 1, 1), warped, maps)
+    return maps.reshape(b, c, n).transpose(1, 2)
 
 
 def read_records(folder: Path, manifest: LabelMapManifest) -> np.ndarray:

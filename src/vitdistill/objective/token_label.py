@@ -75,7 +75,7 @@ class TokenLabel(Term):
     def model_inputs(self, batch) -> dict:
         if not (self.params.mixtoken and self.training):
             return {}
-        return {"token_mix": sample_token_mix(self.rng, batch.epoch, batch.index, self.grid)}
+        return {"token_mix": sample_token_mix(self.rng, batch.epoch, batch.view, self.grid)}
 
     def class_target(self, batch, teacher) -> torch.Tensor:
         p = self.params

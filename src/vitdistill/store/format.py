@@ -1,7 +1,7 @@
 """The teacher store on disk: a folder with ``manifest.json`` and one record file per epoch.
 
 Record ``i`` of ``epoch_0003.bin`` is what the teacher said about sample ``i``'s augmented view
-in epoch 3: its top-k class ids (int16, or int32 past 32,767 classes) and probabilities (fp16).
+in epoch 3 (with repeated augmentation, about view key ``i = index + repeat * count``): its top-k class ids (int16, or int32 past 32,767 classes) and probabilities (fp16).
 Records are fixed-size and in sample-index order, so a file is read through ``numpy.memmap``
 with O(1) lookup and no key dictionary. At k=10 a record is 40 bytes (TinyViT's format: 44).
 The augmentation itself is not stored: it is re-derived from ``(seed, epoch, index)``.
@@ -53,6 +53,12 @@ class Manifest:
     recipe: dict  # the full recipe, so `vitdistill verify` can rebuild views and teacher
     epochs: dict[str, dict] = field(default_factory=dict)  # "3": {"file": ..., "sha256": ...}
     format: str = FORMAT
+    repeats: int = 1  # augment.repeats: records are per view key (index + repeat * count)
+
+    @property
+    def records(self) -> int:
+        """Records per epoch file: one per view key (those an epoch does not use stay zero)."""
+        return self.count * self.repeats
 
     @property
     def dtype(self) -> np.dtype:

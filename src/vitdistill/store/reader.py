@@ -41,7 +41,7 @@ def check_matches_run(manifest: Manifest, cfg: RunConfig, source: ImageSource, f
 
 
 class StoreTargets:
-    """Reads the teacher's top-k for ``(batch.epoch, batch.index)`` and rebuilds dense targets.
+    """Reads the teacher's top-k for ``(batch.epoch, batch.view)`` and rebuilds dense targets.
 
     An epoch's records (``count x record_bytes``, 51 MB for ImageNet-1k at k=10) are checksummed
     and moved to the device once, at the epoch's first batch; each batch is then one gather.
@@ -64,7 +64,7 @@ class StoreTargets:
 
     def __call__(self, batch: ViewBatch) -> TeacherPrediction:
         ids, probs = self._records(batch.epoch)
-        index = batch.index.to(self.device)
+        index = batch.view.to(self.device)  # the view's key: its record (== index without repeats)
         ids, probs = ids[index], probs[index]
         dense = dense_from_topk(ids, probs, self.manifest.num_classes)
         # ids are stored in decreasing probability: the first is argmax Z_t even where two
@@ -78,7 +78,7 @@ def damaged_reason(folder: Path, manifest: Manifest, epoch: int) -> str | None:
     path = folder / info["file"]
     if not path.is_file():
         return f"{info['file']} is missing"
-    expected = manifest.count * manifest.record_bytes
+    expected = manifest.records * manifest.record_bytes
     if path.stat().st_size != expected:
         return f"{info['file']} has the wrong size ({path.stat().st_size:,} bytes instead of {expected:,})"
     if file_sha256(path) != info["sha256"]:
@@ -100,9 +100,9 @@ def read_epoch(folder: Path, manifest: Manifest, epoch: int, verify: bool) -> np
     if info is None:
         raise UserError(f"{folder}: epoch {epoch} is not in the store (complete: {manifest.complete_epochs()})")
     path = folder / info["file"]
-    expected = manifest.count * manifest.record_bytes
+    expected = manifest.records * manifest.record_bytes
     if not path.is_file() or path.stat().st_size != expected:
         raise UserError(f"{path} is missing or has the wrong size (expected {expected:,} bytes): the store is damaged")
     if verify and file_sha256(path) != info["sha256"]:
         raise UserError(f"{path} does not match its checksum in the manifest: the store is damaged")
-    return np.memmap(path, dtype=manifest.dtype, mode="r", shape=(manifest.count,))
+    return np.memmap(path, dtype=manifest.dtype, mode="r", shape=(manifest.records,))

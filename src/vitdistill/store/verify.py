@@ -9,7 +9,7 @@ import torch
 
 from ..augment import Augmenter
 from ..config import config_from_dict
-from ..data import open_source
+from ..data import epoch_order, open_source
 from ..engine.distributed import DistEnv, resolve_device
 from ..errors import UserError
 from ..targets import build_online_teacher
@@ -57,7 +57,8 @@ def verify_store(
     rng = np.random.default_rng(seed)
     agree, total, worst = 0, 0, 0.0
     for epoch in checked:
-        index = torch.from_numpy(np.sort(rng.choice(manifest.count, size=min(samples, manifest.count), replace=False)))
+        keys = epoch_order(manifest.count, views.rng, epoch, manifest.repeats).sort().values.numpy()  # the views the epoch has
+        index = torch.from_numpy(np.sort(rng.choice(keys, size=min(samples, manifest.count), replace=False)))
         stored = read_epoch(folder, manifest, epoch, verify=False)[index.numpy()]
         probs = teacher_probs(online, views, index, epoch, manifest.temperature, env, manifest.precision).cpu()
         ids = torch.from_numpy(stored["ids"].astype(np.int64))

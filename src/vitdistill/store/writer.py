@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..augment import Augmenter
+from ..data import epoch_order
 from ..config import RunConfig, to_dict
 from ..config.paths import with_absolute_paths
 from ..engine.distributed import DistEnv, autocast, barrier, setup_distributed
@@ -38,6 +39,7 @@ def new_manifest(cfg: RunConfig, source, teacher: OnlineTeacher, precision: str)
         temperature=store.temperature,
         num_classes=source.num_classes,
         count=len(source),
+        repeats=cfg.augment.repeats,
         dataset=source.fingerprint(),
         augment=augment_fingerprint(to_dict(cfg.augment), cfg.data.mean, cfg.data.std),
         teacher=teacher_identity(cfg, teacher),
@@ -87,20 +89,21 @@ def write_store(cfg: RunConfig) -> Path:
     barrier(env)
     todo = [e for e in range(manifest.epochs_planned) if str(e) not in manifest.epochs]
     n, batch_size = len(source), cfg.store.batch_size or cfg.optim.batch_size
-    start, stop = env.rank * n // env.world, (env.rank + 1) * n // env.world
+    start, stop = env.rank * n // env.world, (env.rank + 1) * n // env.world  # this process's share of each epoch's n views
     steps = -(-(stop - start) // batch_size)
     bar = progress_bar(len(todo) * steps, 0, f"caching {folder.name}", cfg.engine.progress and env.is_main, unit="batch")
     began = time.perf_counter()
     for epoch in todo:
         tmp = folder / (epoch_file(epoch) + ".tmp")
         if env.is_main:
-            np.memmap(tmp, dtype=manifest.dtype, mode="w+", shape=(n,)).flush()
+            np.memmap(tmp, dtype=manifest.dtype, mode="w+", shape=(manifest.records,)).flush()
         barrier(env)
-        records = np.memmap(tmp, dtype=manifest.dtype, mode="r+", shape=(n,))
+        records = np.memmap(tmp, dtype=manifest.dtype, mode="r+", shape=(manifest.records,))
+        keys = epoch_order(n, views.rng, epoch, manifest.repeats).sort().values  # the epoch's views (all of 0..n-1 without repeats)
         for first in range(start, stop, batch_size):
-            index = torch.arange(first, min(first + batch_size, stop), device=views.images.device)
-            probs = teacher_probs(teacher, views, index, epoch, manifest.temperature, env, precision)
-            records[first : first + len(index)] = topk_records(probs, manifest.k, manifest.dtype)
+            part = keys[first : min(first + batch_size, stop)]
+            probs = teacher_probs(teacher, views, part.to(views.images.device), epoch, manifest.temperature, env, precision)
+            records[part.numpy()] = topk_records(probs, manifest.k, manifest.dtype)
             bar.update(1)
         records.flush()
         del records
