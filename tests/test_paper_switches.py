@@ -325,3 +325,16 @@ def test_mixtoken_box_is_validated():
         load_recipe("deit_tiny_token_label_cifar10", ["objective.0.mixtoken_box=image"])
     with pytest.warns(UserWarning, match="mixtoken_box has no effect"):
         load_recipe("deit_tiny_token_label_cifar10", ["objective.0.mixtoken_box=batch", "objective.0.mixtoken=false"])
+
+
+def test_switches_from_the_cli_reach_the_run(tmp_path):
+    import yaml
+    from conftest import TINY_DEIT
+
+    out = tmp_path / "run"
+    objective = "objective=[{term: ce}, {term: patch_cosine, weight: 0.1, absolute: false}, {term: patch_contrast, weight: 0.1, form: paper}]"
+    assert main(["train", "demo_student", *tiny_run(out, *TINY_DEIT, objective, "optim.epochs=1")]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())["objective"]
+    assert saved[1]["absolute"] is False and saved[2]["form"] == "paper"
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train_patch_cosine", "train_patch_contrast"} <= set(header)
