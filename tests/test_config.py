@@ -103,12 +103,12 @@ PINNED_OBJECTIVES = {
     ],
     "tiny_vit_5m_store_cifar10": [{"term": "kd_soft", "weight": 1.0, "head": "auto", "tau": 1.0, "normalization": "batchmean"}],  # label-free
     "deit_tiny_token_label_cifar10": [
-        {"term": "token_label", "weight": 1.0, "head": "auto", "beta": 0.5, "cls_target": "label", "cls_mix": 0.5, "smoothing": 0.1, "mixtoken": True}
+        {"term": "token_label", "weight": 1.0, "head": "auto", "beta": 0.5, "cls_target": "label", "cls_mix": 0.5, "smoothing": 0.1, "mixtoken": True, "mixtoken_box": "sample"}
     ],
     "deit_tiny_diverse_cifar10": [
         {"term": "ce", "weight": 1.0, "head": "auto", "smoothing": 0.1},
         {"term": "patch_cosine", "weight": 0.1, "head": "auto", "absolute": True},
-        {"term": "patch_contrast", "weight": 0.1, "head": "auto", "tau": 1.0, "detach_first": True},
+        {"term": "patch_contrast", "weight": 0.1, "head": "auto", "tau": 1.0, "detach_first": True, "form": "normalized"},
         {"term": "patch_mix", "weight": 0.1, "head": "auto", "smoothing": 0.0},
     ],
     "demo_student": [{"term": "ce", "weight": 1.0, "head": "auto", "smoothing": 0.1}],

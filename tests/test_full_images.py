@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -60,7 +59,6 @@ def test_crops_cover_the_whole_image_in_its_own_orientation(mixed_sizes, tmp_pat
     source = open_source(DataConfig(root=str(mixed_sizes), cache_dir=str(tmp_path / "cache"), source_size=64), "train")
     cfg = AugmentConfig(input_size=16, crop="rrc", scale=(0.05, 0.2), hflip=0.0)
     views = Augmenter(source, cfg, 0, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
-    keys = torch.tensor([0, 1] * 20)
     boxes = torch.cat([views.train_batch(torch.tensor([0, 1]), epoch=e).boxes for e in range(300)])
     landscape, portrait = boxes[0::2], boxes[1::2]
     assert landscape[:, 2].max() > 80 and landscape[:, 3].max() <= 64  # crops reach the sides of the 85x64 image

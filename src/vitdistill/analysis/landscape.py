@@ -58,13 +58,13 @@ def axis(span: float, steps: int) -> list[float]:
 
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches: Batches) -> tuple[float, float]:
-    """Mean cross-entropy of the inference head (``out.head("mean")``) and its top-1 (%)."""
+    """Mean cross-entropy of the inference head (``out.inference()``) and its top-1 (%)."""
     loss = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.float64)
     seen = 0
     for images, labels in batches:
         out = model(images)
-        logits = (out.head("mean") if isinstance(out, ModelOutput) else out).float()
+        logits = (out.inference() if isinstance(out, ModelOutput) else out).float()
         loss += F.cross_entropy(logits, labels, reduction="sum").double().cpu()
         correct += (logits.argmax(dim=-1) == labels).sum().double().cpu()
         seen += int(labels.numel())

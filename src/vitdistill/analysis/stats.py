@@ -67,7 +67,7 @@ def model_statistics(model: nn.Module, batches: Batches) -> tuple[dict, torch.Te
             }
             if layout.has_dist_token:
                 layers["cls_dist_cosine"] = torch.stack([metrics.token_cosine(t, 0, 1) for t in cap.tokens])
-        logits = out.head("mean").float()
+        logits = out.inference().float()
         extra = {}
         if out.dist_logits is not None:
             extra["head_logit_cosine"] = metrics.logit_cosine(out.logits, out.dist_logits)

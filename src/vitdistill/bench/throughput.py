@@ -308,11 +308,11 @@ def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: i
     guarded("b_pipeline_img_s", lambda: measure_vitdistill(plain, warmup, steps))
     guarded("d_loader_img_s", lambda: measure_cpu_loader(plain, split_dir, regime, workers, warmup, steps))
     teacher_file = random_teacher(regime, plain.train_views.source.num_classes, cache)
-    del plain
+    plain = None  # free it before the next trainer
     taught = build_trainer(make_config(regime, data_root, str(cache), teacher_file, batch_size, compile_model, device), env, cache / "unused")
     guarded("c_pipeline_teacher_img_s", lambda: measure_vitdistill(taught, warmup, steps))
     guarded("d_loader_teacher_img_s", lambda: measure_cpu_loader(taught, split_dir, regime, workers, warmup, steps))
-    del taught
+    taught = None
     guarded("e_pipeline_store_img_s", lambda: measure_store(regime, data_root, cache, teacher_file, batch_size, compile_model, device, env, warmup, steps))
     results["c_over_a"] = ratio(results["c_pipeline_teacher_img_s"], results["a_bare_img_s"])
     results["c_over_d_teacher"] = ratio(results["c_pipeline_teacher_img_s"], results["d_loader_teacher_img_s"])

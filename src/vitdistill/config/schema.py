@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from ..errors import ConfigError, RecipeWarning
@@ -134,6 +134,10 @@ class ModelConfig:
     init: str | None = None  # start from these weights (a vitdistill export or state dict)
     freeze_bn: bool = False  # finetuning: BatchNorm statistics and affine parameters fixed
     token_head: bool = False  # a linear classifier on every patch token (token labeling)
+    # the logits a trained model is judged by (evaluation, exports): cls = the class head (the mean
+    # of class and distillation heads for DeiT); lvvit_aux = that + 0.5 x max over tokens of the
+    # per-token head's logits (LV-ViT's evaluation rule; needs a per-token head)
+    eval_head: Literal["cls", "lvvit_aux"] = "cls"
 
     def validate(self, key: str) -> None:
         _check(0 <= self.drop_path < 1, _join(key, "drop_path"), "must be in [0, 1)")

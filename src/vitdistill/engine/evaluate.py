@@ -17,8 +17,10 @@ from .metrics import topk_correct
 def evaluate(model: nn.Module, views: Augmenter, batch_size: int, env: DistEnv, precision: str = "auto", show_progress: bool = False) -> dict[str, float]:
     """Accuracy (%) per head and the cross-entropy of the inference head.
 
-    ``top1``/``top5`` are the inference head's: the mean of the two heads for a distilled
-    model, the class head otherwise. ``top1_cls``, ``top1_dist``, ``top1_mean`` are each head's.
+    ``top1``/``top5`` are the inference head's (``ModelOutput.inference``): the mean of the two
+    heads for a distilled model, the class head otherwise, plus LV-ViT's token term with
+    ``model.eval_head: lvvit_aux``. ``top1_cls``, ``top1_dist``, ``top1_mean`` are each head's
+    (reported when the inference head is not simply the class head).
     """
     was_training = model.training
     model.eval()
@@ -30,8 +32,8 @@ def evaluate(model: nn.Module, views: Augmenter, batch_size: int, env: DistEnv, 
         batch = views.eval_batch(index)
         with autocast(env.device, precision):
             out = model(batch.images)
-        heads = {"": out.head("mean").float()}  # the inference head (= cls for one-head models)
-        if out.dist_logits is not None:
+        heads = {"": out.inference().float()}  # the inference head (= cls for one-head models with eval_head cls)
+        if out.dist_logits is not None or out.eval_head != "cls":
             heads.update({f"_{name}": logits.float() for name, logits in out.heads.items()})
         for suffix, logits in heads.items():
             top1, top5 = topk_correct(logits, batch.labels)

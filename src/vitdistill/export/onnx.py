@@ -1,9 +1,11 @@
 """The ONNX export: ``model.onnx``, the student's inference graph.
 
 Input ``input`` ``[batch, 3, H, W]`` float32, normalised with the run's mean/std; output ``logits``
-``[batch, classes]``: for a distilled DeiT the mean of the class and distillation heads (what
-vitdistill evaluates), else the class head. The batch is dynamic; opset :data:`OPSET`, written by
-torch's ``torch.export``-based exporter (``torch.onnx.export(dynamo=True)``, needs ``onnxscript``).
+``[batch, classes]``: what vitdistill evaluates (``ModelOutput.inference``): for a distilled DeiT the
+mean of the class and distillation heads, else the class head; with ``model.eval_head: lvvit_aux``
+plus 0.5 x the per-token head's logits maximised over the patch tokens (LV-ViT's rule). The batch
+is dynamic; opset :data:`OPSET`, written by torch's ``torch.export``-based exporter
+(``torch.onnx.export(dynamo=True)``, needs ``onnxscript``).
 Preprocessing travels in the model's metadata (``metadata_props``): ``mean``, ``std``,
 ``input_size``, ``crop_pct``, ``interpolation``, ``label_names`` (JSON) and vitdistill's spec.
 """
@@ -27,14 +29,23 @@ SINGLE_FILE_LIMIT = 1 << 30  # weights above 1 GiB go to model.onnx.data (protob
 
 
 class InferenceLogits(nn.Module):
-    """``VisionModel(x).head("mean")``: the logits vitdistill evaluates, as one tensor."""
+    """``VisionModel(x).inference()``: the logits vitdistill evaluates, as one tensor."""
 
     def __init__(self, model: VisionModel):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).head("mean")
+        return self.model(x).inference()
+
+
+def inference_description(model: VisionModel) -> str:
+    """What the ``logits`` output is, in words (the model's evaluation rule)."""
+    parts = ["mean of the class and distillation heads" if model.has_dist_head else ""]
+    if model.spec.eval_head == "lvvit_aux":
+        parts.append("+ 0.5 x max over patch tokens of the per-token head (LV-ViT's evaluation rule)")
+    text = " ".join(p for p in parts if p)
+    return f"logits ({text})" if text else "logits"
 
 
 def _require(module: str):
@@ -50,7 +61,7 @@ def export_onnx(source: ExportSource, output: str | Path) -> Path:
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     model = source.model.eval()
-    _, spec, _ = inference_backbone(model)
+    _, spec, _ = inference_backbone(model, format="onnx")
     size = spec.input_size or 224
     example = torch.zeros(2, 3, size, size)
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -77,7 +88,7 @@ def export_onnx(source: ExportSource, output: str | Path) -> Path:
         "std": json.dumps(list(spec.std) if spec.std else None),
         "crop_pct": json.dumps(source.crop_pct),
         "interpolation": "bilinear",
-        "output": "logits" + (" (mean of the class and distillation heads)" if model.has_dist_head else ""),
+        "output": inference_description(model),
     }
     onnx.helper.set_model_props(proto, metadata)
     if weights_bytes > SINGLE_FILE_LIMIT:
@@ -94,5 +105,5 @@ def onnx_max_abs_diff(folder: str | Path, model: VisionModel, images: torch.Tens
     session = ort.InferenceSession(str(Path(folder) / "model.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"input": images.float().numpy()})
     with torch.no_grad():
-        reference = model.eval()(images.float()).head("mean")
+        reference = model.eval()(images.float()).inference()
     return float((torch.from_numpy(logits) - reference).abs().max())

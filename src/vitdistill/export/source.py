@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import UserError
 from ..models import ModelSpec, VisionModel, load_model
 from ..models.lvvit import LVViT
+from ..models.output import LVVIT_AUX_WEIGHT
 
 
 @dataclass
@@ -54,11 +55,29 @@ def open_export_source(run: str | Path, ema: bool = False) -> ExportSource:
     return ExportSource(model=model, weights=weights, crop_pct=crop_pct, ema=ema)
 
 
-def inference_backbone(model: VisionModel) -> tuple[nn.Module, ModelSpec, dict]:
+def inference_backbone(model: VisionModel, format: str = "timm") -> tuple[nn.Module, ModelSpec, dict]:
     """The timm model an export holds, the spec that rebuilds it, and timm arguments that differ
     from the training model's: per-token heads used only for training are left out (ours lives
-    outside the backbone; LV-ViT's ``aux_head`` is dropped with ``aux_head=False``)."""
+    outside the backbone; LV-ViT's ``aux_head`` is dropped with ``aux_head=False``).
+
+    With ``model.eval_head: lvvit_aux`` the per-token head is part of inference, so it stays: an
+    LV-ViT keeps ``aux_head`` and is rebuilt with ``eval_aux_weight=0.5`` (timm's ``forward`` in
+    eval mode then gives LV-ViT's rule). Our token head on another timm model lives outside the
+    timm model, so its timm folder cannot hold it: that export is refused (ONNX exports the whole
+    inference graph, ``format="onnx"``)."""
     backbone, spec, args = model.backbone, model.spec, {}
+    if spec.eval_head == "lvvit_aux":
+        if isinstance(backbone, LVViT):
+            backbone = copy.deepcopy(backbone)
+            backbone.eval_aux_weight = LVVIT_AUX_WEIGHT
+            args = {"eval_aux_weight": LVVIT_AUX_WEIGHT}
+            return backbone, replace(spec, token_head=False, kwargs={**spec.kwargs, **args}), args
+        if format == "timm":
+            raise UserError(
+                f"export: this run evaluates with model.eval_head=lvvit_aux, which reads vitdistill's token head on {spec.name}; "
+                "a timm folder holds the timm model only, so its logits would differ: export --format onnx instead"
+            )
+        return backbone, spec, args
     if isinstance(backbone, LVViT) and backbone.aux_head is not None:
         backbone = copy.deepcopy(backbone)
         backbone.aux_head = None

@@ -34,8 +34,10 @@ Forward order (what a caller re-implementing MixToken runs step by step)::
     token_logits = model.aux_head(x[:, 1:])
 
 Differences from the reference: ``forward`` returns the class head's logits only, in training
-and evaluation (the reference's eval forward adds ``0.5 * aux_head(tokens).max(1)``, and its
-training forward does MixToken itself); dropout arguments follow timm's ViT (``drop_rate`` is
+and evaluation (the reference's eval forward adds ``0.5 * aux_head(tokens).max(1)``: built with
+``eval_aux_weight=0.5``, ours does too in eval mode, which is what ``vitdistill export`` writes for a
+run trained with ``model.eval_head: lvvit_aux``; the reference's training forward does MixToken
+itself, ours leaves it to vitdistill); dropout arguments follow timm's ViT (``drop_rate`` is
 the classifier dropout, ``pos_drop_rate``/``proj_drop_rate``/``attn_drop_rate`` the others, where
 the reference's one ``drop_rate`` is position + projection dropout).
 
@@ -185,6 +187,7 @@ class LVViT(nn.Module):
         norm_layer: Callable[[int], nn.Module] | None = None,
         dynamic_img_size: bool = False,
         aux_head: bool = True,
+        eval_aux_weight: float = 0.0,
     ):
         super().__init__()
         if global_pool not in ("", "token", "avg"):
@@ -218,6 +221,10 @@ class LVViT(nn.Module):
         # The per-token head (token labeling) is not used by forward; aux_head=False leaves it out
         # (what an export for inference holds: timm then finds every parameter used).
         self.aux_head = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if aux_head else None
+        # eval mode: logits + eval_aux_weight * max over tokens of aux_head (the reference's 0.5)
+        self.eval_aux_weight = float(eval_aux_weight)
+        if self.eval_aux_weight and self.aux_head is None:
+            raise ValueError("LV-ViT eval_aux_weight reads the per-token head: build it with aux_head=True")
 
         # timm's feature metadata: every block's output, at the patch grid's stride
         reduction = self.patch_embed.feat_ratio()
@@ -297,7 +304,13 @@ class LVViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        x = self.forward_features(x)
+        logits = self.forward_head(x)
+        if self.aux_head is not None:  # its own test: TorchScript prunes the branch when aux_head is None
+            if self.eval_aux_weight != 0.0 and not self.training:
+                # LV-ViT's evaluation rule (reference: x_cls + 0.5 * x_aux.max(1)[0])
+                logits = logits + self.eval_aux_weight * self.aux_head(x[:, self.num_prefix_tokens :]).amax(dim=1)
+        return logits
 
     def forward_intermediates(
         self,

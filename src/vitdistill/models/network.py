@@ -28,7 +28,7 @@ from ..config.schema import register_recipe_check
 from ..errors import ConfigError, UserError, short_reason
 from . import convnet, lvvit  # noqa: F401  (register our CNNs and LV-ViT in timm)
 from .adapt import adapt_kwargs
-from .output import ModelOutput, TokenMix
+from .output import EVAL_HEADS, ModelOutput, TokenMix
 from .relpos import per_block_rel_pos_bias
 from .stems import SMALL_STEM
 
@@ -49,6 +49,7 @@ class ModelSpec:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     token_head: bool = False  # a linear classifier on every patch token (token labeling)
+    eval_head: str = "cls"  # model.eval_head: the evaluation rule (ModelOutput.inference)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, num_classes: int, **conventions) -> "ModelSpec":
@@ -58,10 +59,21 @@ class ModelSpec:
         if cfg.patch_size is not None:
             kwargs["patch_size"] = cfg.patch_size
         kwargs = adapt_kwargs(cfg.name, kwargs)
-        return cls(name=cfg.name, num_classes=num_classes, kwargs=kwargs, small_input_stem=cfg.small_input_stem, token_head=cfg.token_head, **conventions)
+        return cls(
+            name=cfg.name,
+            num_classes=num_classes,
+            kwargs=kwargs,
+            small_input_stem=cfg.small_input_stem,
+            token_head=cfg.token_head,
+            eval_head=cfg.eval_head,
+            **conventions,
+        )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if data["eval_head"] == "cls":  # the default is left out: specs written before it existed stay byte-identical
+            del data["eval_head"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
@@ -99,6 +111,10 @@ class VisionModel(nn.Module):
             if not self.is_vit:
                 raise UserError(f"model.token_head: {spec.name} has no patch tokens")
             self.token_head = nn.Linear(backbone.num_features, spec.num_classes)
+        if spec.eval_head not in EVAL_HEADS:
+            raise ConfigError("model.eval_head", f"expected one of {', '.join(EVAL_HEADS)}, got {spec.eval_head!r}")
+        if spec.eval_head == "lvvit_aux" and not self.has_token_logits:
+            raise ConfigError("model.eval_head", f"lvvit_aux adds the per-token head's logits, but {spec.name} has none: set model.token_head: true")
 
     @property
     def has_token_logits(self) -> bool:
@@ -166,7 +182,7 @@ class VisionModel(nn.Module):
             logits, dist_logits = net.forward_head(tokens), None
         head = getattr(net, "aux_head", None) or self.token_head
         token_logits = head(tokens[:, prefix:]) if head is not None else None
-        return ModelOutput(logits, dist_logits, tokens, prefix, token_logits, block_tokens, token_mix)
+        return ModelOutput(logits, dist_logits, tokens, prefix, token_logits, block_tokens, token_mix, self.spec.eval_head)
 
     def forward_with_features(self, x: torch.Tensor, layer: int) -> tuple[ModelOutput, torch.Tensor]:
         """The usual output and, from the same pass, the feature map ``[B, C, H, W]`` output by
@@ -229,6 +245,23 @@ def check_model_names(cfg) -> None:
             close = timm.list_models(f"{name[: max(3, len(name) - 2)]}*")[:3] or difflib.get_close_matches(name, timm.list_models(), n=3)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise ConfigError(key, f"unknown timm model {name!r}{hint} (see timm.list_models())")
+
+
+def has_own_token_head(name: str) -> bool:
+    """A registered model whose per-token classifier is part of the architecture (LV-ViT's
+    ``aux_head``, listed among the classifiers of its ``pretrained_cfg``)."""
+    cfg = timm.get_pretrained_cfg(name)
+    classifier = getattr(cfg, "classifier", None) if cfg is not None else None
+    return isinstance(classifier, (list, tuple)) and "aux_head" in classifier
+
+
+@register_recipe_check
+def check_eval_head(cfg) -> None:
+    """``model.eval_head: lvvit_aux`` reads a per-token head: the model has its own, or
+    ``model.token_head`` adds one (checked here, before any data is read)."""
+    model = cfg.model
+    if model.eval_head == "lvvit_aux" and not model.token_head and timm.is_model(model.name) and not has_own_token_head(model.name):
+        raise ConfigError("model.eval_head", f"lvvit_aux adds the per-token head's logits, but {model.name} has none: set model.token_head: true")
 
 
 def create_backbone(spec: ModelSpec, drop_path: float = 0.0) -> nn.Module:

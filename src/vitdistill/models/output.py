@@ -9,6 +9,8 @@ import torch
 from ..errors import UserError
 
 HEADS = ("cls", "dist", "mean")
+EVAL_HEADS = ("cls", "lvvit_aux")  # model.eval_head: how a trained model's inference logits are made
+LVVIT_AUX_WEIGHT = 0.5  # LV-ViT's evaluation rule: x_cls + 0.5 * x_aux.max(1)[0] (reference tlt/models/lvvit.py)
 
 
 @dataclass
@@ -28,8 +30,9 @@ class ModelOutput:
     ``tokens``, the final normalised sequence ``[B, prefix + N, D]`` (``num_prefix`` class /
     distillation tokens first, then the N patch tokens in raster order), ``token_logits``
     ``[B, N, C]`` when the model has a per-token head, and ``block_tokens``: the patch tokens
-    ``[B, N, D]`` output by the blocks the objective asked for (by block index). Evaluation of a
-    two-head model uses the mean of the two heads' logits.
+    ``[B, N, D]`` output by the blocks the objective asked for (by block index). Evaluation uses
+    :meth:`inference`: the mean of the two heads' logits for a two-head model, the class head
+    otherwise, plus LV-ViT's token term when ``eval_head`` is ``lvvit_aux``.
     """
 
     logits: torch.Tensor
@@ -39,6 +42,7 @@ class ModelOutput:
     token_logits: torch.Tensor | None = None
     block_tokens: dict[int, torch.Tensor] = field(default_factory=dict)
     token_mix: TokenMix | None = None  # the MixToken the forward applied, if any
+    eval_head: str = "cls"  # the model's evaluation rule (model.eval_head), read by inference()
 
     @property
     def patch_tokens(self) -> torch.Tensor:
@@ -58,6 +62,23 @@ class ModelOutput:
         if name == "mean":
             return self.logits if self.dist_logits is None else (self.logits + self.dist_logits) / 2
         raise ValueError(f"unknown head {name!r}; expected one of {HEADS}")
+
+    def inference(self) -> torch.Tensor:
+        """The logits a trained model is judged by (evaluation, exports, a teacher's predictions).
+
+        ``eval_head: cls``: ``head("mean")`` (the class head, or the mean of the class and
+        distillation heads). ``eval_head: lvvit_aux`` (LV-ViT's rule):
+        ``head("mean") + 0.5 * max_i token_logits_i``, the per-token head's logits maximised over
+        the N patch tokens class by class.
+        """
+        logits = self.head("mean")
+        if self.eval_head == "cls":
+            return logits
+        if self.eval_head == "lvvit_aux":
+            if self.token_logits is None:
+                raise UserError("model.eval_head: lvvit_aux needs a per-token head (model.token_head: true, or an lvvit_* model)")
+            return logits + LVVIT_AUX_WEIGHT * self.token_logits.amax(dim=1)
+        raise ValueError(f"unknown eval_head {self.eval_head!r}; expected one of {EVAL_HEADS}")
 
     @property
     def heads(self) -> dict[str, torch.Tensor]:

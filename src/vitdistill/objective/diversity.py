@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +51,12 @@ def _patches(out: ModelOutput, term: str, minimum: int = 2) -> torch.Tensor:
 class PatchCosine(Term):
     """Patch-wise cosine loss: the mean pairwise cosine similarity of the final patch tokens.
 
-    ``L = mean_b 1/(N(N-1)) sum_{i != j} |cos(h_i^(L), h_j^(L))|`` (``absolute: true``, the
-    paper's loss: it drives patches towards orthogonality), or with the signed ``cos`` (``absolute:
-    false``: its minimum, ``-1/(N-1)``, is reached by tokens summing to zero, not by orthogonal
-    ones). Identical tokens give 1, mutually orthogonal tokens 0.
+    ``L = mean_b 1/(N(N-1)) sum_{i != j} |cos(h_i^(L), h_j^(L))|`` with ``absolute: true`` (our
+    default: its minimum, 0, is reached by mutually orthogonal tokens), or
+    ``L = mean_b 1/(N(N-1)) sum_{i != j} cos(h_i^(L), h_j^(L))`` with ``absolute: false``, the
+    signed form the paper writes (Gong et al. 2021, the patch-wise cosine similarity it both
+    measures and minimises): its minimum, ``-1/(N-1)``, is reached by tokens that sum to zero, not
+    by orthogonal ones. Identical tokens give 1 in both forms, mutually orthogonal tokens 0.
     """
 
     name = "patch_cosine"
@@ -77,16 +80,24 @@ class PatchCosine(Term):
 @register_term
 class PatchContrast(Term):
     """Patch-wise contrastive loss: each final patch token stays closest to its own first-block
-    token, against the mean of the other patches.
+    token, against a mean of the final patch tokens.
 
-    With ``a_i = h_i^(1) / ||h_i^(1)||`` and ``z_i = h_i^(L) / ||h_i^(L)||``:
+    ``form: normalized`` (our default): with ``a_i = h_i^(1) / ||h_i^(1)||`` and
+    ``z_i = h_i^(L) / ||h_i^(L)||``,
     ``L = mean_b -1/N sum_i log( exp(a_i.z_i / tau) / (exp(a_i.z_i / tau) + exp(a_i.zbar_i / tau)) )``
-    with ``zbar_i = 1/(N-1) sum_{j != i} z_j``; i.e. ``mean_{b,i} softplus((a_i.zbar_i - a_i.z_i) / tau)``.
+    with ``zbar_i = 1/(N-1) sum_{j != i} z_j`` (the mean of the *other* patches); i.e.
+    ``mean_{b,i} softplus((a_i.zbar_i - a_i.z_i) / tau)``. Both sides L2-normalised keep the
+    logits in ``[-1/tau, 1/tau]`` whatever the width and the token scale.
+
+    ``form: paper`` (the equation of Gong et al. 2021): raw dot products and the mean over *all*
+    patches, ``L = mean_b -1/N sum_i log( exp(h_i^(1).h_i^(L) / tau) / (exp(h_i^(1).h_i^(L) / tau)
+    + exp(h_i^(1).hbar^(L) / tau)) )`` with ``hbar^(L) = 1/N sum_j h_j^(L)``; i.e.
+    ``mean_{b,i} softplus((h_i^(1).hbar^(L) - h_i^(1).h_i^(L)) / tau)``. Its logits grow with the
+    width and the tokens' norms (on the same random tensors the two forms differ several-fold).
 
     ``detach_first`` (default, as in the paper: "we stop the gradient on h^[1]"): the first-block
     tokens are a fixed anchor, so the loss moves the last layer, not the first block. The paper
-    has no temperature (``tau = 1``). It writes plain dot products; here both sides are
-    L2-normalised so the logits stay in ``[-1/tau, 1/tau]`` whatever the width.
+    has no temperature (``tau = 1``).
     """
 
     name = "patch_contrast"
@@ -97,6 +108,7 @@ class PatchContrast(Term):
     class Params:
         tau: float = 1.0
         detach_first: bool = True
+        form: Literal["normalized", "paper"] = "normalized"
 
         def validate(self, key: str) -> None:
             if self.tau <= 0:
@@ -111,13 +123,18 @@ class PatchContrast(Term):
             raise UserError(f"{self.name}: block-0 tokens {tuple(first.shape)} do not match the final patch tokens {tuple(last.shape)}")
         if self.params.detach_first:
             first = first.detach()
-        a = F.normalize(first, dim=-1, eps=EPS)
-        z = F.normalize(last, dim=-1, eps=EPS)
-        n = z.shape[1]
-        others = (z.sum(dim=1, keepdim=True) - z) / (n - 1)  # zbar_i, [B, N, D]
-        positive = (a * z).sum(dim=-1)
-        negative = (a * others).sum(dim=-1)
-        return F.softplus((negative - positive) / self.params.tau).mean()
+        n = last.shape[1]
+        with _fp32(last.device):
+            if self.params.form == "paper":
+                a, z = first, last
+                negatives = z.mean(dim=1, keepdim=True)  # hbar: every patch, itself included, [B, 1, D]
+            else:
+                a = F.normalize(first, dim=-1, eps=EPS)
+                z = F.normalize(last, dim=-1, eps=EPS)
+                negatives = (z.sum(dim=1, keepdim=True) - z) / (n - 1)  # zbar_i, [B, N, D]
+            positive = (a * z).sum(dim=-1)
+            negative = (a * negatives).sum(dim=-1)
+            return F.softplus((negative - positive) / self.params.tau).mean()
 
 
 def patch_targets(batch, num_patches: int, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

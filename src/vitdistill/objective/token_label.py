@@ -3,25 +3,35 @@ its own region; MixToken mixes two images' tokens right after patch embedding.""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, RecipeWarning, UserError
 from ..models.output import TokenMix
 from ..rng import CounterRNG, derive_seed
 from .base import Term, register_term
 from .classification import soft_cross_entropy
 
 
-def sample_token_mix(rng: CounterRNG, epoch: int, index: torch.Tensor, grid: tuple[int, int]) -> TokenMix:
-    """One CutMix box per sample on the token grid (``lam ~ U(0, 1)``, side ``sqrt(1 - lam)``
-    of the grid, uniform centre, clipped, as LV-ViT's ``rand_bbox``); the partner is the sample
-    at the mirrored batch position (LV-ViT's ``x.flip(0)``)."""
+def sample_token_mix(rng: CounterRNG, epoch: int, index: torch.Tensor, grid: tuple[int, int], box: str = "sample") -> TokenMix:
+    """CutMix boxes on the token grid (``lam ~ U(0, 1)``, side ``sqrt(1 - lam)`` of the grid,
+    uniform centre, clipped, as LV-ViT's ``rand_bbox``); the partner is the sample at the mirrored
+    batch position (LV-ViT's ``x.flip(0)``).
+
+    ``box="sample"``: one box per sample, drawn from ``(seed, epoch, index)``. ``box="batch"``: one
+    box for the whole batch, as the reference (one ``np.random`` draw per forward), drawn from
+    ``(seed, epoch, key)`` where ``key`` hashes the batch's sample indices (order-free), so the same
+    batch gets the same box on replay, on any device."""
     gh, gw = grid
-    u = rng.uniform(epoch, index, "mixtoken", 3)
+    if box == "batch":
+        key = (rng.bits(epoch, index, "mixtoken.batch", 1).sum() & 0xFFFFFFFF).reshape(1)
+        u = rng.uniform(epoch, key, "mixtoken.box", 3).expand(index.shape[0], 3)
+    else:
+        u = rng.uniform(epoch, index, "mixtoken", 3)
     cut = torch.sqrt(1.0 - u[:, 0])
     cut_h, cut_w = torch.floor(gh * cut), torch.floor(gw * cut)
     cy, cx = torch.floor(u[:, 1] * gh), torch.floor(u[:, 2] * gw)
@@ -43,9 +53,11 @@ class TokenLabel(Term):
     ``smoothing``), ``teacher`` the label map pooled over the whole crop, or ``mix``
     ``(1 - cls_mix) * label + cls_mix * teacher``.
 
-    ``mixtoken``: inside a per-sample box on the token grid the tokens come from the partner
-    image; token targets are mixed with the same mask, ``y_cls`` by the mask's mean. Use it as
-    the objective's only label term (other terms would see mixed tokens with unmixed targets).
+    ``mixtoken``: inside a box on the token grid the tokens come from the partner image (the
+    mirrored batch position); token targets are mixed with the same mask, ``y_cls`` by the mask's
+    mean. ``mixtoken_box``: ``sample`` (default) draws one box per sample, ``batch`` one box for the
+    whole batch as LV-ViT's reference code does (:func:`sample_token_mix`). Use it as the
+    objective's only label term (other terms would see mixed tokens with unmixed targets).
     """
 
     name = "token_label"
@@ -59,12 +71,15 @@ class TokenLabel(Term):
         cls_mix: float = 0.5
         smoothing: float = 0.0
         mixtoken: bool = False
+        mixtoken_box: Literal["sample", "batch"] = "sample"  # one MixToken box per sample, or per batch (the reference's)
 
         def validate(self, key: str) -> None:
             if self.beta < 0:
                 raise ConfigError(f"{key}.beta", "must be >= 0")
             if not 0 <= self.cls_mix <= 1:
                 raise ConfigError(f"{key}.cls_mix", "must be in [0, 1]")
+            if self.mixtoken_box != "sample" and not self.mixtoken:
+                warnings.warn(f"{key}.mixtoken_box has no effect with {key}.mixtoken=false", RecipeWarning, stacklevel=2)
 
     def setup(self, model, seed: int, teacher=None) -> None:
         self.grid = model.token_grid
@@ -75,7 +90,7 @@ class TokenLabel(Term):
     def model_inputs(self, batch) -> dict:
         if not (self.params.mixtoken and self.training):
             return {}
-        return {"token_mix": sample_token_mix(self.rng, batch.epoch, batch.view, self.grid)}
+        return {"token_mix": sample_token_mix(self.rng, batch.epoch, batch.view, self.grid, self.params.mixtoken_box)}
 
     def class_target(self, batch, teacher) -> torch.Tensor:
         p = self.params

@@ -68,9 +68,9 @@ class OnlineTeacher:
             self.model.eval()
         images = self.prepare(batch.images)
         if self.feature_layer is None:
-            return TeacherPrediction(logits=self.model(images).head("mean").float())
+            return TeacherPrediction(logits=self.model(images).inference().float())
         out, features = self.model.forward_with_features(images, self.feature_layer)
-        return TeacherPrediction(logits=out.head("mean").float() if self.logits else None, features=features.float())
+        return TeacherPrediction(logits=out.inference().float() if self.logits else None, features=features.float())
 
     @torch.no_grad()
     def feature_shape(self, view_size: int) -> tuple[int, int, int]:
