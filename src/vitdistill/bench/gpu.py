@@ -127,6 +127,7 @@ def run_training(bench: Bench, name: str, recipe: str, overrides: list[str], bud
 
     out = bench.output / name
     shutil.rmtree(out, ignore_errors=True)  # an interrupted stage starts again
+    budget_s = float(max(1, round(budget_s)))  # whole seconds: the budget reported is the one the run was given
     overrides = [*bench.common(name), *overrides, f"optim.budget={budget_s:.0f}s"]
     result = train(load_recipe(recipe, overrides))
     summary = json.loads((out / "summary.json").read_text())
@@ -175,13 +176,15 @@ def stage_teacher(bench: Bench, budget_s: float) -> dict:
 
 def stage_distilled(bench: Bench, budget_s: float) -> dict:
     recipe, overrides = student_recipe(bench, distilled=True)
-    bench.report["student_budget_s"] = budget_s  # the baseline gets the same
-    return run_training(bench, "distilled", recipe, overrides, budget_s)
+    result = run_training(bench, "distilled", recipe, overrides, budget_s)
+    bench.report["student_budget_s"] = result["budget_s"]  # the baseline gets the same
+    return result
 
 
 def stage_baseline(bench: Bench, budget_s: float) -> dict:
     recipe, overrides = student_recipe(bench, distilled=False)
-    return run_training(bench, "baseline", recipe, overrides, min(budget_s, bench.report.get("student_budget_s", budget_s)))
+    # exactly the distilled student's budget, even when the stages before ran a little over: equal budgets are the comparison
+    return run_training(bench, "baseline", recipe, overrides, bench.report.get("student_budget_s", budget_s))
 
 
 def stage_store(bench: Bench, budget_s: float) -> dict:
