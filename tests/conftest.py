@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -35,6 +36,27 @@ def tiny_run(output: Path, *overrides: str) -> list[str]:
         f"data.cache_dir={CACHE}",
         *overrides,
     ]
+
+
+@contextlib.contextmanager
+def interrupted_at_epoch(n: int = 2):
+    """Inside the block, training raises KeyboardInterrupt (as if the machine went away) when its
+    ``n``-th epoch begins, after ``n - 1`` epochs and their checkpoint; restored on leaving."""
+    from vitdistill.engine.trainer import Trainer
+
+    original, calls = Trainer.train_epoch, {"n": 0}
+
+    def train_epoch(self, epoch, bar):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(self, epoch, bar)
+
+    Trainer.train_epoch = train_epoch
+    try:
+        yield
+    finally:
+        Trainer.train_epoch = original
 
 
 @pytest.fixture(scope="session")

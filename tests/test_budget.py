@@ -11,11 +11,10 @@ from vitdistill import ConfigError, load_recipe, train
 from vitdistill.cli import main
 from vitdistill.config import OptimConfig
 from vitdistill.config.parsing import parse_duration
-from vitdistill.engine import trainer as trainer_module
 from vitdistill.engine.budget import evaluations_after, plan_steps
 from vitdistill.engine.optim import build_scheduler
 
-from conftest import tiny_run
+from conftest import interrupted_at_epoch, tiny_run
 
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("8m", 480), ("1.5m", 90), ("1h30m", 5400), (45, 45)])
@@ -60,23 +59,12 @@ def test_a_compressed_schedule_keeps_the_recipe_shape():
     assert lrs[0] == pytest.approx(1e-6) and lrs[1] == pytest.approx(1e-3) and lrs[2] == pytest.approx(1e-5)
 
 
-def test_a_budgeted_run_plans_once_and_a_resumed_run_keeps_its_plan(tmp_path, monkeypatch):
+def test_a_budgeted_run_plans_once_and_a_resumed_run_keeps_its_plan(tmp_path):
     overrides = tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny", "optim.epochs=400", "optim.budget=12s")
-    original = trainer_module.Trainer.train_epoch
-    calls = {"n": 0}
-
-    def stop_in_second_epoch(self, epoch, bar):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch, bar)
-
-    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", stop_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
         train(load_recipe("demo_teacher", overrides))
     plan = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["budget_plan"]
     assert plan["budget_s"] == 12.0 and plan["total_steps"] > 8 and plan["planned_at_step"] == 8  # planned after epoch 1 (8 steps)
-    monkeypatch.undo()
     resumed = train(load_recipe("demo_teacher", overrides), resume=True)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["budget"]["total_steps"] == plan["total_steps"]  # the same schedule, not a new plan

@@ -16,7 +16,7 @@ from vitdistill.data import open_source
 from vitdistill.engine import trainer as trainer_module
 from vitdistill.models import load_model
 
-from conftest import TINY_DEIT, tiny_run
+from conftest import TINY_DEIT, interrupted_at_epoch, tiny_run
 
 
 def weights(path):
@@ -40,26 +40,15 @@ def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path):
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_teacher, monkeypatch):
+def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_teacher):
     overrides = [*TINY_DEIT, "model.drop_path=0.1", "augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", f"teacher.checkpoint={tiny_teacher}", "optim.epochs=3",
                  "engine.ema_decay=0.9"]
     straight = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "straight", *overrides)))
 
-    calls = {"n": 0}
-    original = trainer_module.Trainer.train_epoch
-
-    def crash_in_second_epoch(self, epoch, bar):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # as if the machine went away mid-run
-        return original(self, epoch, bar)
-
-    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
         train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "resumed", *overrides)))
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] == 1
-    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", original)
 
     resumed = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "resumed", *overrides)), resume=True)
     assert_same_weights(straight.output / "model.safetensors", resumed.output / "model.safetensors")

@@ -24,7 +24,7 @@ from vitdistill.objective.feature import adapt_grid, whiten
 from vitdistill.runner import build_trainer
 from vitdistill.targets import OnlineTeacher, TeacherPrediction, build_online_teacher
 
-from conftest import tiny_run
+from conftest import interrupted_at_epoch, tiny_run
 from test_objective import batch_of
 
 BEIT = "model.name=beit_base_patch16_224"
@@ -251,23 +251,12 @@ def test_model_init_copies_the_shared_table_into_every_block(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- checkpoints, resume, export
-def test_projector_is_saved_restored_on_resume_and_not_exported(tmp_path, tiny_teacher, monkeypatch):
+def test_projector_is_saved_restored_on_resume_and_not_exported(tmp_path, tiny_teacher):
     overrides = [*TINY_BEIT, f"teacher.checkpoint={tiny_teacher}", "optim.epochs=2", "model.drop_path=0.1"]
     straight = train(load_recipe("fd_pretrain_digits", tiny_run(tmp_path / "straight", *overrides)))
-    original = trainer_module.Trainer.train_epoch
-    calls = {"n": 0}
-
-    def crash_in_second_epoch(self, epoch, bar):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch, bar)
-
-    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
         train(load_recipe("fd_pretrain_digits", tiny_run(tmp_path / "resumed", *overrides)))
     after_one = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["objective"]
-    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", original)
     train(load_recipe("fd_pretrain_digits", tiny_run(tmp_path / "resumed", *overrides)), resume=True)
 
     a = torch.load(straight.output / "checkpoint.pt", weights_only=False)["objective"]

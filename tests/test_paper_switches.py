@@ -21,6 +21,7 @@ from vitdistill.objective.token_label import sample_token_mix
 from vitdistill.rng import CounterRNG
 
 from conftest import tiny_run
+from test_diversity import contrast_by_loop  # ours: L2-normalised tokens, mean of the other N - 1 patches as the negative
 from test_objective import batch_of
 
 C = 3
@@ -56,22 +57,6 @@ def contrast_paper_by_loop(first: torch.Tensor, last: torch.Tensor, tau: float =
     return total / count
 
 
-def contrast_normalized_by_loop(first: torch.Tensor, last: torch.Tensor, tau: float = 1.0) -> float:
-    """Ours: L2-normalised tokens, the negative is the mean of the other N - 1 patches."""
-    first, last = first.double(), last.double()
-    total, count = 0.0, 0
-    for b in range(last.shape[0]):
-        n = last.shape[1]
-        z = [last[b, j] / last[b, j].norm() for j in range(n)]
-        for i in range(n):
-            a = first[b, i] / first[b, i].norm()
-            zbar = sum(z[j] for j in range(n) if j != i) / (n - 1)
-            pos, neg = math.exp(float(a @ z[i]) / tau), math.exp(float(a @ zbar) / tau)
-            total += -math.log(pos / (pos + neg))
-            count += 1
-    return total / count
-
-
 def test_patch_contrast_forms_on_two_hand_made_tokens():
     # h^(1) = e1, e2; h^(L) = 2 e1, e2. Paper: hbar = (1, 0.5); patch 1: pos 2, neg 1; patch 2:
     # pos 1, neg 0.5. Ours: z = e1, e2; each patch's "others" is the other unit vector: pos 1, neg 0.
@@ -97,7 +82,7 @@ def test_patch_contrast_forms_match_their_equations_on_random_tokens(tau):
     paper = term_value({"term": "patch_contrast", "form": "paper", "tau": tau}, out, list(range(8)))
     ours = term_value({"term": "patch_contrast", "form": "normalized", "tau": tau}, out, list(range(8)))
     assert paper == pytest.approx(contrast_paper_by_loop(first, last, tau), rel=1e-5)
-    assert ours == pytest.approx(contrast_normalized_by_loop(first, last, tau), rel=1e-5)
+    assert ours == pytest.approx(contrast_by_loop(first, last, tau), rel=1e-5)
     if tau == 1.0:
         assert paper == pytest.approx(1.935, abs=5e-4) and ours == pytest.approx(0.685, abs=5e-4)
     assert paper > 2.5 * ours
