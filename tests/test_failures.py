@@ -319,3 +319,10 @@ def test_a_closed_pipe_ends_quietly():
     err = process.stderr.read().decode()
     process.wait()
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_bench_gpu_refuses_missing_data_before_any_stage_runs(tmp_path, capsys):
+    assert main(["bench", "gpu", "--data", str(tmp_path / "missing.tar.gz"), "--budget", "1m", "--output", str(tmp_path / "bench")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vitdistill: error: bench gpu: --data {tmp_path / 'missing.tar.gz'} does not exist"]
+    assert not (tmp_path / "bench").exists()  # no stage started, no report written

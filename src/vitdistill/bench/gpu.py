@@ -321,6 +321,8 @@ def run_bench_gpu(data: str | None, budget_s: float, output: str | Path = "runs/
     output = Path(output)
     if not smoke and not data:
         raise UserError("bench gpu: --data is required (the CIFAR-10 ImageFolder or archive), or use --smoke")
+    if not smoke and not Path(data).exists():  # before any stage spends the budget on it
+        raise UserError(f"bench gpu: --data {data} does not exist")
     if smoke:
         device = "cpu" if device == "auto" else device
         compile = throughput_compile = ""
