@@ -22,7 +22,7 @@ from vitdistill.models import ModelOutput, build_model, export_model
 from vitdistill.objective import Objective
 from vitdistill.objective.feature import adapt_grid, whiten
 from vitdistill.runner import build_trainer
-from vitdistill.targets import OnlineTeacher, TeacherPrediction, build_online_teacher
+from vitdistill.targets import OnlineTeacher, StoreTargets, TeacherPrediction, TeacherSource, build_online_teacher
 
 from conftest import interrupted_at_epoch, tiny_run
 from test_objective import batch_of
@@ -53,11 +53,24 @@ def test_whitening_is_a_layernorm_over_channels_without_affine():
     assert torch.allclose(w.mean(-1), torch.zeros(2, 5), atol=1e-6) and torch.allclose(w.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-4)
 
 
+class FeatureMaps(TeacherSource):
+    """A stand-in source (not registered) that declares feature maps of shape ``(C, H, W)``."""
+
+    kind = "test_feature_maps"
+    gives = frozenset({"features"})
+
+    def __init__(self, shape: tuple[int, int, int]):
+        self.shape = shape
+
+    def feature_shape(self, view_size: int) -> tuple[int, int, int]:
+        return self.shape
+
+
 def feature_objective(beta: float, width: int, channels: int, grid=(2, 2), **params) -> Objective:
     """A ``feature`` objective set up for a stand-in student and teacher of the given widths."""
     objective = Objective([{"term": "feature", "beta": beta, **params}], 10, False)
     student = SimpleNamespace(token_grid=grid, spec=SimpleNamespace(name="student", input_size=8), backbone=SimpleNamespace(num_features=width))
-    teacher = SimpleNamespace(feature_shape=lambda size: (channels, *grid))
+    teacher = FeatureMaps((channels, *grid))
     objective.setup(student, 0, teacher)
     return objective
 
@@ -110,7 +123,9 @@ def test_a_bad_beta_and_a_teacher_without_features_are_clear_errors():
     objective = Objective([{"term": "feature"}], 10, False)
     student = SimpleNamespace(token_grid=(2, 2), spec=SimpleNamespace(name="s", input_size=8), backbone=SimpleNamespace(num_features=4))
     with pytest.raises(UserError, match="no feature maps"):
-        objective.setup(student, 0, SimpleNamespace())  # e.g. a teacher store
+        objective.setup(student, 0, StoreTargets.__new__(StoreTargets))  # a store (as declared: class predictions only)
+    with pytest.raises(UserError, match="no feature maps"):
+        objective.setup(student, 0, teacher_from(build_model(ModelConfig(name="vitdistill_convnet_tiny"), 7), layer=None, logits=True))
     with pytest.raises(UserError, match="feature maps"):
         TeacherPrediction(logits=torch.zeros(1, 3)).feature_map()
 

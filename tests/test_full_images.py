@@ -15,9 +15,9 @@ from vitdistill.augment.geometry import pad_crop_boxes
 from vitdistill.augment.randaugment import RandAugmentSpec, geometric_warps, rand_augment
 from vitdistill.config import AugmentConfig, DataConfig
 from vitdistill.data import epoch_order, open_source, train_batches
-from vitdistill.labelmaps.targets import pool_tokens, warp_token_targets
 from vitdistill.rng import CounterRNG
 from vitdistill.store import write_store
+from vitdistill.targets.labelmaps import pool_tokens, warp_token_targets
 
 from conftest import TINY_DEIT, tiny_run
 

@@ -14,10 +14,11 @@ from vitdistill import UserError, load_recipe, train
 from vitdistill.augment import Augmenter
 from vitdistill.cli import main
 from vitdistill.data import open_source
-from vitdistill.store import Manifest, StoreTargets, verify_store, write_store
+from vitdistill.store import Manifest, verify_store, write_store
 from vitdistill.store import writer as writer_module
 from vitdistill.store.format import dense_from_topk, record_dtype
 from vitdistill.targets import build_online_teacher
+from vitdistill.targets.store import StoreTargets
 
 from conftest import TINY_DEIT, tiny_run
 

@@ -15,13 +15,13 @@ from vitdistill.config import AugmentConfig, ModelConfig
 from vitdistill.data import ImageSource, open_source
 from vitdistill.labelmaps import LabelMapManifest, write_label_maps
 from vitdistill.labelmaps.maps import dense_scores
-from vitdistill.labelmaps.targets import pool_tokens, to_distribution
 from vitdistill.models import ModelOutput, build_model
 from vitdistill.models.output import TokenMix
 from vitdistill.objective import Objective
 from vitdistill.objective.token_label import sample_token_mix
 from vitdistill.rng import CounterRNG
 from vitdistill.targets import TeacherPrediction, build_online_teacher
+from vitdistill.targets.labelmaps import pool_tokens, to_distribution
 
 from conftest import TINY_DEIT, tiny_run
 from test_objective import batch_of

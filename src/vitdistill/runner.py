@@ -23,9 +23,7 @@ from .models import ModelSpec, VisionModel, build_model, load_model
 from .models.network import check_input_size, create_backbone
 from .objective import Objective
 from .rng import derive_seed
-from .labelmaps import LabelMapTargets
-from .store import StoreTargets
-from .targets import build_online_teacher
+from .targets import Request, TeacherSource, source_class
 
 # Keys that may change when a run is resumed (everything else must match the checkpoint).
 RESUMABLE_CHANGES = ("optim.epochs", "engine.", "output")
@@ -93,23 +91,17 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path, clock_start: float
     return Trainer(cfg, model, objective, train_views, eval_views, teacher, env, output, clock_start)
 
 
-def build_targets(cfg: RunConfig, model: VisionModel, source: ImageSource, env: DistEnv, objective: Objective | None = None):
-    """The teacher's answers, in the form the recipe names: label maps, a store, or online (with
-    feature maps when the ``objective`` reads them; with classes unless it reads only those)."""
+def build_targets(
+    cfg: RunConfig, model: VisionModel, source: ImageSource, env: DistEnv, objective: Objective | None = None
+) -> TeacherSource:
+    """The teacher source the recipe names (online, a store, label maps, or any registered kind),
+    asked for feature maps when the ``objective`` reads them and for the data's classes unless
+    it reads only those."""
     assert cfg.teacher is not None  # the schema guarantees it
     features = objective is not None and objective.needs_teacher_features
-    if features and (cfg.teacher.label_maps is not None or cfg.teacher.store is not None):
-        which = "teacher.label_maps" if cfg.teacher.label_maps is not None else "teacher.store"
-        raise UserError(f"{which}: the objective distils feature maps, which only an online teacher gives (teacher.checkpoint or teacher.name)")
-    if cfg.teacher.label_maps is not None:
-        if model.token_grid is None:
-            raise UserError(f"teacher.label_maps: token targets need a vision transformer; {cfg.model.name} has no patch grid")
-        return LabelMapTargets(cfg.teacher.label_maps, cfg, source, model.token_grid, env.device)
-    if cfg.teacher.store is not None:
-        return StoreTargets(cfg.teacher.store, cfg, source, env.device)
     classes = objective is None or objective.needs_teacher_classes
-    teacher = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std, cfg.augment.input_size, classes=classes, features=features)
-    return teacher.to(env.device)
+    request = Request(classes=classes, features=features, token_grid=model.token_grid)
+    return source_class(cfg.teacher).build(cfg, source, request, env.device)
 
 
 def train(cfg: RunConfig, resume: bool = False) -> RunResult:

@@ -1,23 +1,29 @@
 """Recipe keys that name files or folders. A run, a store and label maps record them absolute,
 so that `vitdistill eval`, `--resume` and `vitdistill verify` find them from any working
-directory."""
+directory.
+
+A teacher source's own path keys (``teacher.store``, ``teacher.checkpoint``, ...) are registered
+by its class in :mod:`vitdistill.targets` (:func:`register_path_key`): the config layer imports
+nothing above it."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 
-PATH_KEYS = (
+PATH_KEYS: list[tuple[str, str]] = [
     ("data", "root"),
     ("data", "cache_dir"),
     ("model", "init"),
-    ("teacher", "checkpoint"),
-    ("teacher", "weights"),
-    ("teacher", "store"),
-    ("teacher", "label_maps"),
     ("store", "path"),
     ("labelmaps", "path"),
-)
+]
+
+
+def register_path_key(section: str, key: str) -> None:
+    """``section.key`` names a file or folder: make it absolute in a run's recipe."""
+    if (section, key) not in PATH_KEYS:
+        PATH_KEYS.append((section, key))
 
 
 def absolute(value):

@@ -146,10 +146,18 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     """A frozen teacher: a vitdistill export (architecture read from it) or a timm name + weights,
-    run online; or a teacher store written by ``vitdistill cache`` (then ``checkpoint``/``name``,
-    when also given, must be the teacher that wrote it). An online teacher also gives feature
-    maps (``feature_layer``) when a term asks for them."""
+    run online; or a teacher store written by ``vitdistill cache``, or label maps written by
+    ``vitdistill labelmaps`` (then ``checkpoint``/``name``, when also given, must be the teacher
+    that wrote them). An online teacher also gives feature maps (``feature_layer``) when a term
+    asks for them.
 
+    Each kind of source is a class in :mod:`vitdistill.targets` that owns its keys' rules (which
+    keys choose it, which combinations are refused, which keys name files); they are registered
+    from there (the config layer imports nothing above it). ``kind`` names a registered source
+    directly, with its own parameters in ``params``."""
+
+    kind: str | None = None  # a registered teacher source (None: chosen by the keys below)
+    params: dict[str, Any] = field(default_factory=dict)  # that source's own parameters
     checkpoint: str | None = None  # model.safetensors exported by vitdistill, or its run folder
     name: str | None = None  # timm name, when the weights are a plain state dict
     weights: str | None = None  # .safetensors / .pth state dict for `name`
@@ -163,16 +171,6 @@ class TeacherConfig:
     std: tuple[float, float, float] | None = None
     input_size: int | None = None  # resize the student's view to this size for the teacher
     feature_layer: int | None = None  # feature terms: stage/block of forward_intermediates (None: the last; negative: from the end)
-
-    def validate(self, key: str) -> None:
-        key = key or "teacher"
-        _check(self.checkpoint is None or self.name is None, key, "give checkpoint (a vitdistill export) or name (+ weights), not both")
-        _check(
-            any(v is not None for v in (self.store, self.label_maps, self.checkpoint, self.name)),
-            key,
-            "needs checkpoint (a vitdistill export), name (+ weights), store (vitdistill cache) or label_maps (vitdistill labelmaps)",
-        )
-        _check(self.store is None or self.label_maps is None, key, "give store or label_maps, not both")
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -22,7 +21,7 @@ from ..models import VisionModel, export_model
 from ..objective import Objective
 from ..progress import progress_bar
 from ..rng import derive_seed
-from ..targets import TeacherPrediction
+from ..targets import TeacherFn, TeacherPrediction
 from .checkpoint import CHECKPOINT_FORMAT, save_atomic
 from .distributed import DistEnv, all_reduce_sum, autocast, barrier
 from .evaluate import evaluate
@@ -31,7 +30,6 @@ from .guard import FiniteGuard, check_finite_state
 from .metrics import MetricsLog, format_duration
 from .optim import build_optimizer, build_scheduler
 
-TeacherFn = Callable[[ViewBatch], TeacherPrediction]
 EXPORT_RESERVE_S = 0.5  # a budgeted run keeps this for writing model.safetensors at the end
 PLAN_MARGIN = 0.02  # ... and plans to end this fraction of its budget early (the rate drifts)
 REVISIONS = 4  # corrections of a budgeted run's plan from its later epochs

@@ -1,6 +1,8 @@
-"""LV-ViT token labeling: dense teacher label maps and crop-aligned per-token targets."""
+"""LV-ViT token labeling: dense teacher label maps, their format and their writer (``vitdistill
+labelmaps``). Their reader, the crop-aligned per-token targets, is a teacher source:
+:class:`vitdistill.targets.labelmaps.LabelMapTargets`."""
 
-from .maps import LabelMapManifest, write_label_maps
-from .targets import LabelMapTargets
+from .format import LabelMapManifest
+from .maps import write_label_maps
 
-__all__ = ["LabelMapManifest", "LabelMapTargets", "write_label_maps"]
+__all__ = ["LabelMapManifest", "write_label_maps"]

@@ -8,16 +8,15 @@ heads. Top-k scores (logits, fp16) and class ids (int16, or int32 past 32,767 cl
 per location at the teacher's native grid. The map covers the whole cached source image (the
 same pixels the student's crops are cut from, so crops and labels can never disagree).
 
-On disk: a folder with ``labelmaps.bin`` (fixed-size records in sample-index order, read
-through ``numpy.memmap``) and ``manifest.json`` (written last; same integrity rules as the
-teacher store: teacher, dataset, grid, k pinned, file checksum).
+The format on disk is :mod:`vitdistill.labelmaps.format`; its reader, a teacher source, is
+:class:`vitdistill.targets.labelmaps.LabelMapTargets`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,38 +29,8 @@ from ..engine.distributed import autocast, resolve_device
 from ..errors import UserError
 from ..progress import progress
 from ..targets import OnlineTeacher
-from ..targets.offline import file_sha256, prepare_teacher_run, read_manifest, teacher_identity
-
-FORMAT = "vitdistill-label-maps/1"
-RECORDS = "labelmaps.bin"
-MANIFEST = "manifest.json"
-
-
-def map_dtype(k: int, height: int, width: int, num_classes: int) -> np.dtype:
-    ids = "<i2" if num_classes <= 32767 else "<i4"
-    return np.dtype([("ids", ids, (height, width, k)), ("scores", "<f2", (height, width, k))])
-
-
-@dataclass
-class LabelMapManifest:
-    k: int
-    grid: list[int]  # [h, w] of the teacher's feature map
-    num_classes: int
-    count: int
-    source_size: list[int]  # [H, W] of the cached source records the map covers
-    dataset: dict
-    teacher: dict
-    precision: str
-    sha256: str
-    format: str = FORMAT
-
-    @property
-    def dtype(self) -> np.dtype:
-        return map_dtype(self.k, self.grid[0], self.grid[1], self.num_classes)
-
-    @classmethod
-    def read(cls, folder: Path) -> "LabelMapManifest":
-        return cls(**read_manifest(folder, MANIFEST, FORMAT, "a label-map folder", "labelmaps"))
+from ..targets.offline import file_sha256, prepare_teacher_run, teacher_identity
+from .format import MANIFEST, RECORDS, LabelMapManifest, map_dtype
 
 
 def dense_scores(teacher: OnlineTeacher, images: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ..config.parsing import parse_dataclass, parse_value, to_dict
 from ..config.schema import register_recipe_check
 from ..errors import ConfigError
 from ..models import ModelOutput
-from ..targets import TeacherPrediction
+from ..targets import TeacherPrediction, TeacherSource
 
 TERMS: dict[str, type["Term"]] = {}
 ROUTES = ("auto", "cls", "dist", "mean")
@@ -61,10 +61,10 @@ class Term(nn.Module):
     def default_head(cls, has_dist_head: bool) -> str:
         return "cls"
 
-    def setup(self, model, seed: int, teacher=None) -> None:
+    def setup(self, model, seed: int, teacher: TeacherSource | None = None) -> None:
         """Called once with the model (a ``VisionModel``), the run seed and the source of teacher
         predictions (None without a teacher), before the optimizer is built: a term creates its
-        own parameters (e.g. a projector) here."""
+        own parameters (e.g. a projector) here, from what the source declares it gives."""
 
     def model_inputs(self, batch: ViewBatch) -> dict:
         """Extra keyword arguments for the model's forward on this batch (e.g. MixToken)."""
@@ -132,7 +132,7 @@ class Objective(nn.Module):
         self.needed_blocks = {b for t in terms for b in t.needs_blocks}
         self.needs_token_logits = any(t.needs_token_logits for t in terms)
 
-    def setup(self, model, seed: int, teacher=None) -> None:
+    def setup(self, model, seed: int, teacher: TeacherSource | None = None) -> None:
         for term in self.terms:
             term.setup(model, seed, teacher)
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError, UserError
 from ..rng import derive_seed
+from ..targets import TeacherSource
 from .base import Term, register_term
 
 WHITEN_EPS = 1e-6
@@ -84,16 +85,15 @@ class Feature(Term):
             if self.beta <= 0:
                 raise ConfigError(f"{key}.beta", "must be positive")
 
-    def setup(self, model, seed: int, teacher=None) -> None:
+    def setup(self, model, seed: int, teacher: TeacherSource | None = None) -> None:
         self.grid = model.token_grid
         if self.grid is None:
             raise UserError(f"feature: the student must be a vision transformer with a patch grid; {model.spec.name} has none")
-        shape = getattr(teacher, "feature_shape", None)
-        if shape is None:
+        if teacher is None or "features" not in teacher.gives:
             raise UserError("feature: the teacher gives no feature maps (a store or label maps hold class predictions); use teacher.checkpoint or teacher.name")
         if model.spec.input_size is None:
             raise UserError("feature: the student's input size is unknown")
-        channels = shape(model.spec.input_size)[0]
+        channels = teacher.feature_shape(model.spec.input_size)[0]
         width = model.backbone.num_features
         # the projector's initial weights depend on the run seed only, not on what was built before
         with torch.random.fork_rng(devices=[]):

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..targets.offline import read_manifest
+from ..errors import UserError
+from ..targets.offline import file_sha256, read_manifest
 
 FORMAT = "vitdistill-teacher-store/1"
 MANIFEST = "manifest.json"
@@ -105,3 +106,39 @@ def dense_from_topk(ids: torch.Tensor, probs: torch.Tensor, num_classes: int) ->
     fill = ((1.0 - probs.sum(dim=1, keepdim=True)) / max(rest, 1)).clamp_min(0.0) if rest else probs.new_zeros(probs.shape[0], 1)
     dense = fill.expand(-1, num_classes).clone()
     return dense.scatter_(1, ids.long(), probs)
+
+
+def damaged_reason(folder: Path, manifest: Manifest, epoch: int) -> str | None:
+    """Why epoch ``epoch``'s file cannot be trusted (missing, wrong size, checksum), or None."""
+    info = manifest.epochs[str(epoch)]
+    path = folder / info["file"]
+    if not path.is_file():
+        return f"{info['file']} is missing"
+    expected = manifest.records * manifest.record_bytes
+    if path.stat().st_size != expected:
+        return f"{info['file']} has the wrong size ({path.stat().st_size:,} bytes instead of {expected:,})"
+    if file_sha256(path) != info["sha256"]:
+        return f"{info['file']} does not match its checksum"
+    return None
+
+
+def damaged_epochs(folder: Path, manifest: Manifest, epochs=None) -> list[int]:
+    """The listed epochs (all, or those of ``epochs``) whose files are missing or damaged.
+    Reads every file once (sha256 runs at about 1 GB/s: an ImageNet-1k epoch at k=10 is 51 MB)."""
+    wanted = manifest.complete_epochs() if epochs is None else [e for e in epochs if str(e) in manifest.epochs]
+    return [e for e in wanted if damaged_reason(folder, manifest, e) is not None]
+
+
+def read_epoch(folder: Path, manifest: Manifest, epoch: int, verify: bool) -> np.ndarray:
+    """One complete epoch's records (memory-mapped, read-only); ``verify`` checks the file's
+    size and checksum against the manifest first."""
+    info = manifest.epochs.get(str(epoch))
+    if info is None:
+        raise UserError(f"{folder}: epoch {epoch} is not in the store (complete: {manifest.complete_epochs()})")
+    path = folder / info["file"]
+    expected = manifest.records * manifest.record_bytes
+    if not path.is_file() or path.stat().st_size != expected:
+        raise UserError(f"{path} is missing or has the wrong size (expected {expected:,} bytes): the store is damaged")
+    if verify and file_sha256(path) != info["sha256"]:
+        raise UserError(f"{path} does not match its checksum in the manifest: the store is damaged")
+    return np.memmap(path, dtype=manifest.dtype, mode="r", shape=(manifest.records,))

@@ -14,8 +14,7 @@ from ..engine.distributed import DistEnv, resolve_device
 from ..errors import UserError
 from ..targets import build_online_teacher
 from ..targets.offline import first_difference, teacher_identity
-from .format import Manifest
-from .reader import damaged_epochs, read_epoch
+from .format import Manifest, damaged_epochs, read_epoch
 from .writer import teacher_probs
 
 # Largest |stored - recomputed| probability accepted by default: fp16 storage rounds a probability

@@ -24,8 +24,7 @@ from ..errors import UserError
 from ..progress import progress_bar
 from ..targets import OnlineTeacher
 from ..targets.offline import file_sha256, first_difference, prepare_teacher_run, teacher_identity
-from .format import Manifest, augment_fingerprint, epoch_file, topk_records
-from .reader import damaged_epochs, damaged_reason
+from .format import Manifest, augment_fingerprint, damaged_epochs, damaged_reason, epoch_file, topk_records
 
 
 def new_manifest(cfg: RunConfig, source, teacher: OnlineTeacher, precision: str) -> Manifest:

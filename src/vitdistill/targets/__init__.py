@@ -1,6 +1,33 @@
-"""Targets for a batch: what the teacher says about each view (online, stored, or label maps)."""
+"""Targets for a batch: what the teacher says about each view.
 
-from .online import OnlineTeacher, build_online_teacher
+Each way of getting it is a teacher source, one class registered by kind name
+(:func:`register_source`): the online teacher (:mod:`.online`), a teacher store (:mod:`.store`)
+and label maps (:mod:`.labelmaps`). The runner looks the recipe's kind up (:func:`source_class`)
+and builds it; the engine calls it once per batch (:class:`TeacherFn`) and hands the
+:class:`TeacherPrediction` to the objective. Writers of offline targets sit beside their formats
+(:mod:`vitdistill.store`, :mod:`vitdistill.labelmaps`).
+"""
+
 from .prediction import TeacherPrediction
+from .source import GIVES, NEEDS, SOURCES, Request, TeacherFn, TeacherSource, register_source, source_class
+from .online import OnlineTeacher, build_online_teacher
 
-__all__ = ["OnlineTeacher", "TeacherPrediction", "build_online_teacher"]
+# Registered last: their formats' packages import the names above (the writers run the online teacher).
+from .store import StoreTargets  # noqa: E402
+from .labelmaps import LabelMapTargets  # noqa: E402
+
+__all__ = [
+    "GIVES",
+    "NEEDS",
+    "SOURCES",
+    "LabelMapTargets",
+    "OnlineTeacher",
+    "Request",
+    "StoreTargets",
+    "TeacherFn",
+    "TeacherPrediction",
+    "TeacherSource",
+    "build_online_teacher",
+    "register_source",
+    "source_class",
+]

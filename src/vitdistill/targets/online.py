@@ -6,16 +6,18 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import ViewBatch
-from ..config import TeacherConfig
+from ..config import RunConfig, TeacherConfig
 from ..config.schema import IMAGENET_MEAN, IMAGENET_STD
 from ..data import ImageSource
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..models import ModelSpec, VisionModel, load_model
 from ..models.network import check_input_size, classifier_prefixes, create_backbone, load_backbone_weights, read_state_dict
 from .prediction import TeacherPrediction
+from .source import Request, TeacherSource, register_source
 
 
-class OnlineTeacher:
+@register_source
+class OnlineTeacher(TeacherSource):
     """Runs a frozen model (eval mode, no grad) on the student's views.
 
     The views arrive normalised with the student's mean/std; when the teacher was trained with
@@ -26,7 +28,20 @@ class OnlineTeacher:
     With ``feature_layer`` (an index into timm's ``forward_intermediates``) it also gives that
     stage's or block's feature map, from the same forward pass as the logits. ``logits=False``
     (feature-only objectives) leaves the logits out: the teacher's classes may then be any.
+
+    The default source: chosen by ``teacher.checkpoint`` or ``teacher.name`` (+ ``weights``)
+    when no other source is; beside a store or label maps those keys name the teacher that
+    wrote them.
     """
+
+    kind = "online"
+    fields = ("checkpoint", "name")
+    default = True
+    path_keys = ("checkpoint", "weights")
+    title = "an online teacher (teacher.checkpoint or teacher.name)"
+    hint = "checkpoint (a vitdistill export), name (+ weights)"
+    gives = frozenset({"logits", "hard_labels", "features"})
+    needs = frozenset({"images"})
 
     def __init__(
         self,
@@ -42,6 +57,8 @@ class OnlineTeacher:
         self.model = model.eval().requires_grad_(False)
         self.feature_layer = feature_layer
         self.logits = logits
+        # what this one gives: class predictions unless feature-only, feature maps with a layer
+        self.gives = frozenset(({"logits", "hard_labels"} if logits else set()) | ({"features"} if feature_layer is not None else set()))
         s_mean, s_std = torch.tensor(student_mean), torch.tensor(student_std)
         t_mean, t_std = torch.tensor(teacher_mean), torch.tensor(teacher_std)
         # x_t = (x * s_std + s_mean - t_mean) / t_std
@@ -49,6 +66,23 @@ class OnlineTeacher:
         self.shift = ((s_mean - t_mean) / t_std).view(1, 3, 1, 1)
         self.identity = torch.allclose(s_mean, t_mean) and torch.allclose(s_std, t_std)
         self.input_size = input_size
+
+    @classmethod
+    def check(cls, teacher: TeacherConfig, key: str) -> None:
+        if teacher.checkpoint is not None and teacher.name is not None:
+            raise ConfigError(key, "give checkpoint (a vitdistill export) or name (+ weights), not both")
+        if teacher.kind == cls.kind and teacher.checkpoint is None and teacher.name is None:
+            raise ConfigError(key, "kind online needs checkpoint (a vitdistill export) or name (+ weights)")
+
+    @classmethod
+    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> "OnlineTeacher":
+        """The recipe's teacher on ``device``, with feature maps when the run reads them and with
+        the data's classes unless it reads only feature maps."""
+        assert cfg.teacher is not None
+        teacher = build_online_teacher(
+            cfg.teacher, source, cfg.data.mean, cfg.data.std, cfg.augment.input_size, classes=request.classes, features=request.features
+        )
+        return teacher.to(device)
 
     def to(self, device: torch.device) -> "OnlineTeacher":
         self.model.to(device)

@@ -1,4 +1,7 @@
-"""Training from a teacher store: the teacher's answer for a view, read instead of computed."""
+"""A teacher store as a teacher source: the teacher's answer for a view, read instead of computed.
+
+The store's format (:mod:`vitdistill.store.format`) and its writer (``vitdistill cache``) live in
+:mod:`vitdistill.store`; this is its reader."""
 
 from __future__ import annotations
 
@@ -8,12 +11,13 @@ import numpy as np
 import torch
 
 from ..augment import ViewBatch
-from ..config import RunConfig, to_dict
+from ..config import RunConfig, TeacherConfig, to_dict
 from ..data import ImageSource
-from ..errors import UserError
-from ..targets import TeacherPrediction
-from ..targets.offline import check_provenance, file_sha256, first_difference
-from .format import Manifest, augment_fingerprint, dense_from_topk
+from ..errors import ConfigError, UserError
+from ..store.format import Manifest, augment_fingerprint, damaged_epochs, damaged_reason, dense_from_topk, read_epoch
+from .offline import check_provenance, first_difference
+from .prediction import TeacherPrediction
+from .source import Request, TeacherSource, register_source
 
 
 def check_matches_run(manifest: Manifest, cfg: RunConfig, source: ImageSource, folder: Path) -> None:
@@ -40,12 +44,32 @@ def check_matches_run(manifest: Manifest, cfg: RunConfig, source: ImageSource, f
         )
 
 
-class StoreTargets:
+@register_source
+class StoreTargets(TeacherSource):
     """Reads the teacher's top-k for ``(batch.epoch, batch.view)`` and rebuilds dense targets.
 
     An epoch's records (``count x record_bytes``, 51 MB for ImageNet-1k at k=10) are checksummed
     and moved to the device once, at the epoch's first batch; each batch is then one gather.
+    Chosen by ``teacher.store`` (the folder ``vitdistill cache`` wrote).
     """
+
+    kind = "store"
+    fields = ("store",)
+    path_keys = ("store",)
+    title = "a teacher store (teacher.store)"
+    hint = "store (vitdistill cache)"
+    gives = frozenset({"probs", "hard_labels"})
+    needs = frozenset({"view_keys"})
+
+    @classmethod
+    def check(cls, teacher: TeacherConfig, key: str) -> None:
+        if teacher.store is None:
+            raise ConfigError(f"{key}.store", "kind store reads the store folder named here (vitdistill cache writes it)")
+
+    @classmethod
+    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> "StoreTargets":
+        assert cfg.teacher is not None and cfg.teacher.store is not None
+        return cls(cfg.teacher.store, cfg, source, device)
 
     def __init__(self, folder: str | Path, cfg: RunConfig, source: ImageSource, device: torch.device):
         self.folder = Path(folder)
@@ -70,39 +94,3 @@ class StoreTargets:
         # ids are stored in decreasing probability: the first is argmax Z_t even where two
         # probabilities round to the same fp16 value
         return TeacherPrediction(probs=dense, temperature=self.manifest.temperature, top1=ids[:, 0].long())
-
-
-def damaged_reason(folder: Path, manifest: Manifest, epoch: int) -> str | None:
-    """Why epoch ``epoch``'s file cannot be trusted (missing, wrong size, checksum), or None."""
-    info = manifest.epochs[str(epoch)]
-    path = folder / info["file"]
-    if not path.is_file():
-        return f"{info['file']} is missing"
-    expected = manifest.records * manifest.record_bytes
-    if path.stat().st_size != expected:
-        return f"{info['file']} has the wrong size ({path.stat().st_size:,} bytes instead of {expected:,})"
-    if file_sha256(path) != info["sha256"]:
-        return f"{info['file']} does not match its checksum"
-    return None
-
-
-def damaged_epochs(folder: Path, manifest: Manifest, epochs=None) -> list[int]:
-    """The listed epochs (all, or those of ``epochs``) whose files are missing or damaged.
-    Reads every file once (sha256 runs at about 1 GB/s: an ImageNet-1k epoch at k=10 is 51 MB)."""
-    wanted = manifest.complete_epochs() if epochs is None else [e for e in epochs if str(e) in manifest.epochs]
-    return [e for e in wanted if damaged_reason(folder, manifest, e) is not None]
-
-
-def read_epoch(folder: Path, manifest: Manifest, epoch: int, verify: bool) -> np.ndarray:
-    """One complete epoch's records (memory-mapped, read-only); ``verify`` checks the file's
-    size and checksum against the manifest first."""
-    info = manifest.epochs.get(str(epoch))
-    if info is None:
-        raise UserError(f"{folder}: epoch {epoch} is not in the store (complete: {manifest.complete_epochs()})")
-    path = folder / info["file"]
-    expected = manifest.records * manifest.record_bytes
-    if not path.is_file() or path.stat().st_size != expected:
-        raise UserError(f"{path} is missing or has the wrong size (expected {expected:,} bytes): the store is damaged")
-    if verify and file_sha256(path) != info["sha256"]:
-        raise UserError(f"{path} does not match its checksum in the manifest: the store is damaged")
-    return np.memmap(path, dtype=manifest.dtype, mode="r", shape=(manifest.records,))

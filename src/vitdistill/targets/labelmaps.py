@@ -1,4 +1,7 @@
-"""Token targets from label maps: each student token gets the teacher's label of its region.
+"""Label maps as a teacher source: each student token gets the teacher's label of its region.
+
+The maps' format and writer (``vitdistill labelmaps``) live in :mod:`vitdistill.labelmaps`; this
+is their reader.
 
 For every view, the dense map of its source image is pooled with ``roi_align`` over the view's
 crop box, in source coordinates ``(x1, y1, x2, y2)`` as torchvision expects (the reference
@@ -26,13 +29,15 @@ from torchvision.ops import roi_align
 from ..augment import ViewBatch
 from ..augment.mixing import token_own_share
 from ..augment.randaugment import geometric_warps, parse_rand_augment, warp_affine
-from ..config import RunConfig
+from ..config import RunConfig, TeacherConfig
 from ..data import ImageSource
-from ..errors import UserError
-from ..targets import TeacherPrediction
+from ..errors import ConfigError, UserError
+from ..labelmaps.format import LabelMapManifest, read_records
 from ..rng import CounterRNG
-from ..targets.offline import check_provenance, file_sha256
-from .maps import RECORDS, LabelMapManifest
+from .offline import check_provenance
+from .prediction import TeacherPrediction
+from .source import Request, TeacherSource, register_source
+
 
 def pool_tokens(dense: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, source_size, grid, transposed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool ``[B, C, h, w]`` maps over each crop box (source pixels) to ``grid`` tokens and to one
@@ -63,10 +68,32 @@ def to_distribution(pooled: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.where(total > 1e-6, pooled / total.clamp_min(1e-6), uniform)  # a region wholly in the padding: uniform
 
 
-class LabelMapTargets:
+@register_source
+class LabelMapTargets(TeacherSource):
     """Teacher predictions for views, from label maps: ``probs`` for the whole crop and
     ``token_probs`` per student token. All maps are kept on ``device`` (CIFAR-10 with a 4x4
-    map and k=5: 16 MB)."""
+    map and k=5: 16 MB). Chosen by ``teacher.label_maps`` (the folder ``vitdistill labelmaps``
+    wrote); reads each view's crop box, flip and mixing, and the student's token grid."""
+
+    kind = "label_maps"
+    fields = ("label_maps",)
+    path_keys = ("label_maps",)
+    title = "label maps (teacher.label_maps)"
+    hint = "label_maps (vitdistill labelmaps)"
+    gives = frozenset({"probs", "hard_labels", "token_probs"})
+    needs = frozenset({"boxes", "token_grid"})
+
+    @classmethod
+    def check(cls, teacher: TeacherConfig, key: str) -> None:
+        if teacher.label_maps is None:
+            raise ConfigError(f"{key}.label_maps", "kind label_maps reads the label-map folder named here (vitdistill labelmaps writes it)")
+
+    @classmethod
+    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> "LabelMapTargets":
+        assert cfg.teacher is not None and cfg.teacher.label_maps is not None
+        if request.token_grid is None:
+            raise UserError(f"teacher.label_maps: token targets need a vision transformer; {cfg.model.name} has no patch grid")
+        return cls(cfg.teacher.label_maps, cfg, source, request.token_grid, device)
 
     def __init__(self, folder: str | Path, cfg: RunConfig, source: ImageSource, grid: tuple[int, int], device: torch.device):
         assert cfg.teacher is not None
@@ -139,12 +166,3 @@ def warp_token_targets(tokens: torch.Tensor, warps: list[tuple[torch.Tensor, tor
         maps = torch.where(applied.view(b, 1, 1, 1), warped, maps)
     return maps.reshape(b, c, n).transpose(1, 2)
 
-
-def read_records(folder: Path, manifest: LabelMapManifest) -> np.ndarray:
-    path = folder / RECORDS
-    expected = manifest.count * manifest.dtype.itemsize
-    if not path.is_file() or path.stat().st_size != expected:
-        raise UserError(f"{path} is missing or has the wrong size (expected {expected:,} bytes): the label maps are damaged")
-    if file_sha256(path) != manifest.sha256:
-        raise UserError(f"{path} does not match its checksum in the manifest: the label maps are damaged")
-    return np.memmap(path, dtype=manifest.dtype, mode="r", shape=(manifest.count,))
