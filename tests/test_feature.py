@@ -131,8 +131,8 @@ def test_a_bad_beta_and_a_teacher_without_features_are_clear_errors():
 
 
 # ---------------------------------------------------------------------------- teachers and grids
-def teacher_from(model, layer=-1, logits=False) -> OnlineTeacher:
-    return OnlineTeacher(model, (0.5,) * 3, (0.5,) * 3, (0.5,) * 3, (0.5,) * 3, feature_layer=layer, logits=logits)
+def teacher_from(model, layer=-1, logits=False, norm=None) -> OnlineTeacher:
+    return OnlineTeacher(model, (0.5,) * 3, (0.5,) * 3, (0.5,) * 3, (0.5,) * 3, feature_layer=layer, logits=logits, feature_norm=norm)
 
 
 def test_cnn_teacher_features_on_another_grid():
@@ -158,7 +158,7 @@ def test_cnn_teacher_features_on_another_grid():
 
 def test_vit_teacher_features_drop_prefix_tokens_and_keep_its_width():
     vit = build_model(ModelConfig(name="deit_tiny_distilled_patch16_224", img_size=8, patch_size=2, kwargs={"embed_dim": 48, "depth": 2, "num_heads": 2}), 5).eval()
-    teacher = teacher_from(vit, logits=True)
+    teacher = teacher_from(vit, logits=True, norm=False)  # the raw block output
     views = batch_of([0, 1], size=8)
     views.images = torch.randn(2, 3, 8, 8)
     seen = {}
@@ -168,6 +168,7 @@ def test_vit_teacher_features_drop_prefix_tokens_and_keep_its_width():
     patches = seen["tokens"][:, 2:]  # class and distillation tokens dropped
     assert teacher.feature_shape(8) == (48, 4, 4)
     assert torch.allclose(prediction.features, patches.reshape(2, 4, 4, 48).permute(0, 3, 1, 2), atol=1e-6)
+    assert torch.allclose(prediction.feature_cls, seen["tokens"][:, 0], atol=1e-6)  # the class token, not the distillation token
     assert torch.allclose(prediction.logits, vit(views.images).head("mean"), atol=1e-5)  # logits from the same pass
     # a student with 2x2 patch tokens (4x4 pixels each): each target token averages 2x2 teacher tokens
     target = adapt_grid(prediction.features, (2, 2), "pool")

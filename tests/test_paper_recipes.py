@@ -20,13 +20,15 @@ from vitdistill import list_recipes, load_recipe, train
 from vitdistill.errors import RecipeWarning
 from vitdistill.cli import main
 from vitdistill.labelmaps import write_label_maps
+from vitdistill.models import build_model, load_model
 from vitdistill.store import write_store
 
 DEIT = ["deit_tiny_imagenet", "deit_small_imagenet", "deit_base_imagenet"]
 DEIT_DISTILLED = ["deit_tiny_distilled_imagenet", "deit_small_distilled_imagenet", "deit_base_distilled_imagenet"]
 TINY_VIT = ["tiny_vit_store_imagenet21k"] + [f"tiny_vit_{m}_{stage}" for m in ("5m", "11m", "21m") for stage in ("pretrain_imagenet21k", "finetune_imagenet")]
 LVVIT = ["nfnet_labelmaps_imagenet", "lvvit_tiny_imagenet", "lvvit_small_imagenet", "lvvit_medium_imagenet"]
-PAPER_RECIPES = DEIT + DEIT_DISTILLED + TINY_VIT + LVVIT + ["deit_small_diverse_imagenet", "fd_pretrain_imagenet", "fd_finetune_imagenet"]
+FD_PAIRS = [f"fd_{stage}_{pair}" for pair in ("dino_vit_base", "deit_vit_base", "clip_vit_base", "clip_vit_large") for stage in ("pretrain", "finetune")]
+PAPER_RECIPES = DEIT + DEIT_DISTILLED + TINY_VIT + LVVIT + ["deit_small_diverse_imagenet", "fd_pretrain_imagenet", "fd_finetune_imagenet"] + FD_PAIRS
 
 
 # ---------------------------------------------------------------------------- validation
@@ -105,6 +107,53 @@ def test_diverse_recipe_uses_the_papers_forms():
     cfg = load_recipe("deit_small_diverse_imagenet")
     terms = {t["term"]: t for t in cfg.objective}
     assert terms["patch_cosine"]["absolute"] is False and terms["patch_contrast"]["form"] == "paper" and cfg.model.token_head
+
+
+# the official code's configs (configs/pretrain/fd_pretrain__*__img224__300ep.yaml, configs/finetune/...): drop path,
+# and for fine-tuning the lr (at batch 512), layer decay, epochs, warmup epochs, warmup/min lr (at batch 512)
+FD_PRETRAIN = {
+    "dino_vit_base": ("vit_base_patch16_224.dino", "beit_base_patch16_224", 16, 768, 12, 12, 0.3),
+    "deit_vit_base": ("deit_base_patch16_224.fb_in1k", "beit_base_patch16_224", 16, 768, 12, 12, 0.3),
+    "clip_vit_base": ("vit_base_patch16_clip_224.openai", "beit_base_patch16_224", 16, 768, 12, 12, 0.2),
+    "clip_vit_large": ("vit_large_patch14_clip_224.openai", "beit_large_patch16_224", 14, 1024, 24, 16, 0.3),
+}
+FD_FINETUNE = {
+    "dino_vit_base": (0.2, 1.5e-3, 0.6, 100, 20, 2.5e-7),
+    "deit_vit_base": (0.3, 1.25e-3, 0.65, 100, 20, 2.5e-7),
+    "clip_vit_base": (0.3, 1.25e-3, 0.6, 100, 20, 2.5e-7),
+    "clip_vit_large": (0.4, 2.5e-4, 0.75, 50, 5, 5e-7),
+}
+
+
+@pytest.mark.parametrize("pair", list(FD_PRETRAIN))
+def test_fd_recipes_are_the_official_configs(pair):
+    scale = 2048 / 512  # the reference scales lr, warmup lr and min lr by batch / 512 (16 GPUs x 128)
+    teacher_name, student, patch, width, depth, heads, drop_path = FD_PRETRAIN[pair]
+    pre = load_recipe(f"fd_pretrain_{pair}")
+    o, m, t = pre.optim, pre.model, pre.teacher
+    assert (t.name, t.feature_layer, t.feature_norm) == (teacher_name, -1, True)  # PRED_FEAT_AFTERNORM: True
+    assert t.weights == f"weights/{teacher_name}.safetensors"
+    assert (m.name, m.img_size, m.patch_size, m.drop_path, m.init_truncation) == (student, 224, patch, drop_path, 1.0)
+    assert {k: m.kwargs[k] for k in ("embed_dim", "depth", "num_heads", "init_values")} == {"embed_dim": width, "depth": depth, "num_heads": heads, "init_values": 0.1}
+    assert (m.kwargs["use_abs_pos_emb"], m.kwargs["use_rel_pos_bias"], m.kwargs["use_shared_rel_pos_bias"]) == (False, False, True)
+    assert pre.objective == [{"term": "feature", "weight": 1.0, "head": "auto", "beta": 2.0, "grid": "interpolate", "class_token": True, "eps": 1e-5}]
+    assert (o.epochs, o.batch_size, o.opt, o.weight_decay, o.warmup_epochs, o.clip_grad, o.layer_decay) == (300, 2048, "adamw", 0.05, 10, 3.0, None)
+    assert o.lr * o.batch_size / o.lr_base_batch == pytest.approx(3e-4 * scale)
+    assert (o.warmup_lr, o.min_lr) == (pytest.approx(5e-7 * scale), pytest.approx(5e-6 * scale)) and o.decay_rel_pos_bias
+    a = pre.augment
+    assert (a.crop, tuple(a.scale), a.hflip, a.mixup_alpha, a.cutmix_alpha, a.rand_augment, a.color_jitter, a.erase_prob) == ("rrc", (0.08, 1.0), 0.5, 0.0, 0.0, None, None, 0.0)
+
+    drop_path, lr, layer_decay, epochs, warmup, floor = FD_FINETUNE[pair]
+    fine = load_recipe(f"fd_finetune_{pair}")
+    o, m, a = fine.optim, fine.model, fine.augment
+    assert fine.teacher is None and fine.objective == [{"term": "ce", "weight": 1.0, "head": "auto", "smoothing": 0.1}]
+    assert (m.name, m.patch_size, m.drop_path, m.init_truncation, m.init) == (student, patch, drop_path, None, f"runs/fd_pretrain_{pair}/model.safetensors")
+    assert (m.kwargs["embed_dim"], m.kwargs["use_rel_pos_bias"], m.kwargs["use_shared_rel_pos_bias"]) == (width, True, False)
+    assert (o.epochs, o.batch_size, o.weight_decay, o.warmup_epochs, o.clip_grad, o.layer_decay) == (epochs, 2048, 0.05, warmup, 5.0, layer_decay)
+    assert o.lr * o.batch_size / o.lr_base_batch == pytest.approx(lr * scale)
+    assert (o.warmup_lr, o.min_lr) == (pytest.approx(floor * scale), pytest.approx(floor * scale))
+    assert not o.layer_decay_scales_floor and o.decay_rel_pos_bias  # timm 0.4.12's scheduler; tables decayed
+    assert (a.rand_augment, a.erase_prob, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.switch_prob, a.eval_crop_pct) == ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 1.0, 0.5, 0.875)
 
 
 # ---------------------------------------------------------------------------- two steps each
@@ -223,6 +272,40 @@ def test_feature_distillation_pair_at_224(imagenet_folder, tiny_teacher_weights,
     result = train(load_recipe("fd_pretrain_imagenet", small_run(imagenet_folder, pre, cache, *TINY_BEIT_224, *teacher(tiny_teacher_weights))))
     check_trained(result, pre)
     result = train(load_recipe("fd_finetune_imagenet", small_run(imagenet_folder, fine, cache, *TINY_BEIT_224, f"model.init={pre}")))
+    check_trained(result, fine)
+
+
+TINY_VIT_TEACHER = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_dino_weights(tmp_path_factory) -> Path:
+    """A random DINO ViT-B/16 shrunk to width 32 and one block, headless: the paper recipes'
+    teacher by its timm name, with its class token and final norm (randomised: mean != 0, scale != 1)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224.dino", pretrained=False, num_classes=0, **TINY_VIT_TEACHER)
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 2.0)
+        model.norm.bias.normal_(0.3, 0.5)
+    path = tmp_path_factory.mktemp("dino") / "dino_tiny.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def test_feature_distillation_paper_pair_at_224_and_the_converted_model_keeps_its_outputs(imagenet_folder, tiny_dino_weights, tmp_path):
+    cache, pre, fine = tmp_path / "cache", tmp_path / "pretrain", tmp_path / "finetune"
+    dino = [f"teacher.weights={tiny_dino_weights}", "teacher.kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]
+    result = train(load_recipe("fd_pretrain_dino_vit_base", small_run(imagenet_folder, pre, cache, *TINY_BEIT_224, *dino)))
+    check_trained(result, pre)
+    assert math.isfinite(result.final["train_feature"])
+    cfg = load_recipe("fd_finetune_dino_vit_base", small_run(imagenet_folder, fine, cache, *TINY_BEIT_224, f"model.init={pre}"))
+    distilled = load_model(pre / "model.safetensors").eval()
+    converted = build_model(cfg.model, 2, input_size=224).eval()  # per-block tables, each a copy of the shared one
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        a, b = distilled(x), converted(x)
+    assert torch.allclose(a.final_tokens, b.final_tokens, atol=1e-5) and torch.allclose(a.logits, b.logits, atol=1e-5)
+    result = train(cfg)
     check_trained(result, fine)
 
 

@@ -132,6 +132,9 @@ class ModelConfig:
     small_input_stem: bool = False  # CNNs: stride-1 3x3 stem, no max-pool (for 32x32 inputs)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     init: str | None = None  # start from these weights (a vitdistill export or state dict)
+    # ViTs: re-draw linear/conv weights, class token and position embedding from N(0, 0.02^2) truncated at
+    # +-this many std, then BEiT's per-block rescaling (Feature-Distillation's student: 1.0, std ~0.0108); None: timm's
+    init_truncation: float | None = None
     freeze_bn: bool = False  # finetuning: BatchNorm statistics and affine parameters fixed
     token_head: bool = False  # a linear classifier on every patch token (token labeling)
     # the logits a trained model is judged by (evaluation, exports): cls = the class head (the mean
@@ -141,6 +144,7 @@ class ModelConfig:
 
     def validate(self, key: str) -> None:
         _check(0 <= self.drop_path < 1, _join(key, "drop_path"), "must be in [0, 1)")
+        _check(self.init_truncation is None or self.init_truncation > 0, _join(key, "init_truncation"), "must be positive (in std)")
 
 
 @dataclass
@@ -171,6 +175,9 @@ class TeacherConfig:
     std: tuple[float, float, float] | None = None
     input_size: int | None = None  # resize the student's view to this size for the teacher
     feature_layer: int | None = None  # feature terms: stage/block of forward_intermediates (None: the last; negative: from the end)
+    # feature terms: a ViT teacher's tokens after its final norm (None: yes for ViTs, as the Feature-Distillation
+    # reference; false: the raw block output). CNN stages have no final norm: true is refused for them.
+    feature_norm: bool | None = None
 
 
 @dataclass
@@ -217,6 +224,10 @@ class OptimConfig:
     min_lr: float = 1e-5
     clip_grad: float | None = None
     layer_decay: float | None = None  # e.g. 0.8: lr x 0.8 per block from the head down
+    # with layer_decay: warmup_lr and min_lr scaled per block too (timm >= 0.9); false: shared by every block, only the
+    # peak lr scaled (timm 0.4.12's scheduler, which the BEiT and Feature-Distillation references ran)
+    layer_decay_scales_floor: bool = True
+    decay_rel_pos_bias: bool = False  # weight decay on relative position bias tables (Swin/FD reference code); timm exempts them
     budget: str | None = None  # e.g. 8m, 90s, 1h30m: train as many steps as fit (optim.epochs is the upper bound)
 
     def validate(self, key: str) -> None:

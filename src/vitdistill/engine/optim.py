@@ -28,19 +28,36 @@ def scaled_lr(cfg: OptimConfig) -> float:
     return cfg.lr * cfg.batch_size / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
 
 
+REL_POS_TABLE = "relative_position_bias_table"
+
+
 def param_groups(backbone: nn.Module, extra: list[nn.Parameter], cfg: OptimConfig) -> list[dict]:
-    """timm's groups for the backbone (no decay on norms/biases/tokens; ``lr_scale`` per block
-    with layer decay), plus one group for the objective's own parameters (e.g. a projector)."""
+    """timm's groups for the backbone (no decay on norms/biases/tokens, and on relative position
+    bias tables unless ``decay_rel_pos_bias``; ``lr_scale`` per block with layer decay, or each
+    block's lr itself when ``layer_decay_scales_floor`` is false), plus groups for the objective's
+    own parameters (e.g. a projector)."""
     no_decay = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
+    if cfg.decay_rel_pos_bias:
+        no_decay = {n for n in no_decay if REL_POS_TABLE not in n}
     if cfg.layer_decay is not None:
         if not hasattr(backbone, "group_matcher"):
             raise UserError(f"optim.layer_decay: {type(backbone).__name__} does not define its layers (no group_matcher)")
         groups = param_groups_layer_decay(backbone, weight_decay=cfg.weight_decay, no_weight_decay_list=no_decay, layer_decay=cfg.layer_decay)
+        if not cfg.layer_decay_scales_floor:
+            # the group's own peak lr and no lr_scale: timm's scheduler then warms up from warmup_lr and
+            # decays to min_lr, the same for every block (timm 0.4.12, the references' version)
+            for group in groups:
+                group["lr"] = scaled_lr(cfg) * group.pop("lr_scale")
     else:
         groups = param_groups_weight_decay(backbone, weight_decay=cfg.weight_decay, no_weight_decay_list=no_decay)
+    # the objective's own parameters follow the backbone's rule: no decay on biases and other 1-d
+    # parameters (a projector's bias), decay on matrices
     trainable = [p for p in extra if p.requires_grad]
-    if trainable:
-        groups.append({"params": trainable, "weight_decay": cfg.weight_decay, "lr_scale": 1.0})
+    decay, flat = [p for p in trainable if p.ndim > 1], [p for p in trainable if p.ndim <= 1]
+    if decay:
+        groups.append({"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0})
+    if flat:
+        groups.append({"params": flat, "weight_decay": 0.0, "lr_scale": 1.0})
     return groups
 
 

@@ -28,6 +28,7 @@ from ..config.schema import register_recipe_check
 from ..errors import ConfigError, UserError, short_reason
 from . import convnet, lvvit  # noqa: F401  (register our CNNs and LV-ViT in timm)
 from .adapt import adapt_kwargs
+from .init import truncated_init
 from .output import EVAL_HEADS, ModelOutput, TokenMix
 from .relpos import per_block_rel_pos_bias
 from .stems import SMALL_STEM
@@ -182,24 +183,50 @@ class VisionModel(nn.Module):
             logits, dist_logits = net.forward_head(tokens), None
         head = getattr(net, "aux_head", None) or self.token_head
         token_logits = head(tokens[:, prefix:]) if head is not None else None
-        return ModelOutput(logits, dist_logits, tokens, prefix, token_logits, block_tokens, token_mix, self.spec.eval_head)
+        return ModelOutput(logits, dist_logits, tokens, prefix, token_logits, block_tokens, token_mix, self.spec.eval_head, self.pending_norm)
 
-    def forward_with_features(self, x: torch.Tensor, layer: int) -> tuple[ModelOutput, torch.Tensor]:
+    @property
+    def pending_norm(self) -> nn.Module | None:
+        """A ViT's final norm when timm applies it only after pooling: ``fc_norm`` of an
+        average-pooled model, whose ``norm`` is an identity (BEiT's default); None otherwise."""
+        net = self.backbone
+        fc = getattr(net, "fc_norm", None)
+        if self.is_vit and isinstance(getattr(net, "norm", None), nn.Identity) and isinstance(fc, nn.Module) and not isinstance(fc, nn.Identity):
+            return fc
+        return None
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """A ViT's final norm over each token's channels: ``norm``, or ``fc_norm`` where timm
+        normalises after pooling (:attr:`pending_norm`)."""
+        return self.pending_norm or getattr(self.backbone, "norm", None) or nn.Identity()
+
+    def forward_with_features(self, x: torch.Tensor, layer: int, norm: bool = False) -> tuple[ModelOutput, torch.Tensor, torch.Tensor | None]:
         """The usual output and, from the same pass, the feature map ``[B, C, H, W]`` output by
         stage (CNNs) or block (ViTs) ``layer`` of timm's ``forward_intermediates`` (negative:
-        from the end). A ViT's map is its patch tokens on their grid, before the final norm;
-        prefix tokens (class, distillation) are dropped."""
+        from the end), and a ViT's class token ``[B, C]`` at that block (None for models without
+        one). A ViT's map is its patch tokens on their grid; other prefix tokens (distillation,
+        registers) are dropped. ``norm``: a ViT's tokens go through its :attr:`final_norm` (the
+        Feature-Distillation reference's ``PRED_FEAT_AFTERNORM``); a CNN's stages have no final
+        norm over channels (its head normalises pooled features, if anything), so it is refused."""
         net = self.backbone
         if not hasattr(net, "forward_intermediates"):
             raise UserError(f"teacher: {self.spec.name} has no forward_intermediates (timm's feature API), so its feature maps cannot be read")
+        if norm and not self.is_vit:
+            raise UserError(f"teacher.feature_norm: {self.spec.name} is not a vision transformer; its stages have no final norm over channels (set it false)")
+        extra = {"return_prefix_tokens": True} if self.is_vit and net.num_prefix_tokens else {}
         try:
-            final, inter = net.forward_intermediates(x, indices=[layer], norm=False, output_fmt="NCHW")
+            final, inter = net.forward_intermediates(x, indices=[layer], norm=False, output_fmt="NCHW", **extra)
         except AssertionError as err:  # timm's feature_take_indices: index out of range
             raise UserError(f"teacher.feature_layer: {layer} does not fit {self.spec.name} ({err})") from None
-        features = inter[0]
-        if self.is_vit:
-            return self._token_output(final, {}, None), features
-        return ModelOutput(logits=net.forward_head(final)), features
+        features, prefix = inter[0] if extra else (inter[0], None)
+        if not self.is_vit:
+            return ModelOutput(logits=net.forward_head(final)), features, None
+        if norm:  # a per-token norm: the same on the grid (channels last) as on the sequence
+            features = self.final_norm(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            prefix = self.final_norm(prefix) if prefix is not None else None
+        cls = prefix[:, 0] if prefix is not None and getattr(net, "cls_token", None) is not None else None
+        return self._token_output(final, {}, None), features, cls
 
     def freeze_batchnorm(self) -> None:
         """Fix every BatchNorm (running statistics and affine parameters), for finetuning: it
@@ -300,6 +327,10 @@ def build_model(cfg: ModelConfig, num_classes: int, **conventions) -> VisionMode
     """A fresh model from the recipe (``pretrained=False``; ``init`` loads local weights)."""
     spec = ModelSpec.from_config(cfg, num_classes, **conventions)
     model = VisionModel(create_backbone(spec, cfg.drop_path), spec)
+    if cfg.init_truncation is not None:
+        if not model.is_vit:
+            raise ConfigError("model.init_truncation", f"applies to vision transformers; {spec.name} is not one")
+        truncated_init(model.backbone, cfg.init_truncation)
     if cfg.init:
         load_weights(model, cfg.init, "model.init")
     if cfg.freeze_bn:

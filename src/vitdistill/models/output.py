@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from ..errors import UserError
 
@@ -33,6 +34,10 @@ class ModelOutput:
     ``[B, N, D]`` output by the blocks the objective asked for (by block index). Evaluation uses
     :meth:`inference`: the mean of the two heads' logits for a two-head model, the class head
     otherwise, plus LV-ViT's token term when ``eval_head`` is ``lvvit_aux``.
+
+    ``tokens`` have been through the model's ``norm``; average-pooled timm models (BEiT, ViTs
+    with ``global_pool: avg``) make that an identity and normalise after pooling instead
+    (``fc_norm``), given here as ``pending_norm``; :attr:`final_tokens` applies it.
     """
 
     logits: torch.Tensor
@@ -43,6 +48,7 @@ class ModelOutput:
     block_tokens: dict[int, torch.Tensor] = field(default_factory=dict)
     token_mix: TokenMix | None = None  # the MixToken the forward applied, if any
     eval_head: str = "cls"  # the model's evaluation rule (model.eval_head), read by inference()
+    pending_norm: nn.Module | None = None  # the final norm the model applies after pooling, not yet to `tokens`
 
     @property
     def patch_tokens(self) -> torch.Tensor:
@@ -50,6 +56,14 @@ class ModelOutput:
         if self.tokens is None:
             raise UserError("the objective needs patch tokens, but the model is not a vision transformer")
         return self.tokens[:, self.num_prefix :]
+
+    @property
+    def final_tokens(self) -> torch.Tensor:
+        """The whole sequence ``[B, prefix + N, D]`` after the model's final norm, whether timm
+        applies it to every token (``norm``) or only after pooling (``fc_norm``)."""
+        if self.tokens is None:
+            raise UserError("the objective needs tokens, but the model is not a vision transformer")
+        return self.tokens if self.pending_norm is None else self.pending_norm(self.tokens)
 
     def head(self, name: str) -> torch.Tensor:
         """Logits of head ``cls``, ``dist`` or ``mean`` (= cls for one-head models)."""

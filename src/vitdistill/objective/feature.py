@@ -60,13 +60,17 @@ class Feature(Term):
 
     ``L = mean_b 1/(N C) sum_i sum_c smoothL1_beta( P(h_i)_c - W(t_i)_c )``
 
-    - ``h_i``: the student's final patch tokens (``out.patch_tokens``: the last block's output,
-      after the model's final norm when it has one; prefix tokens dropped), ``N`` of them;
+    - ``h_i``: the student's final patch tokens after its final norm (``out.final_tokens``: timm's
+      ``norm``, or ``fc_norm`` in average-pooled models such as BEiT, where timm normalises only
+      after pooling; the Feature-Distillation reference projects the normalised tokens), ``N``
+      of them; with ``class_token`` also the class token ``h_0``, against the teacher's
+      ``t_0``, and the sum runs over ``N + 1`` tokens (the reference supervises all of them);
     - ``P``: the projector, a per-token linear map ``D_s -> C`` (a 1x1 convolution), an objective
       parameter: trained with the student, saved in ``checkpoint.pt``, never exported;
     - ``t_i``: the teacher's feature map of ``teacher.feature_layer`` (``[B, C, H, W]``; a ViT
-      teacher's patch tokens on their grid) moved to the student's grid (:func:`adapt_grid`,
-      ``grid``), ``W`` the whitening (:func:`whiten`);
+      teacher's patch tokens on their grid, after its final norm unless ``teacher.feature_norm``
+      is false) moved to the student's grid (:func:`adapt_grid`, ``grid``), ``W`` the whitening
+      (:func:`whiten`, ``eps``; the reference's ``nn.LayerNorm`` default is 1e-5);
     - ``smoothL1_beta(d) = d^2 / (2 beta)`` if ``|d| < beta``, else ``|d| - beta / 2`` (the paper:
       ``beta = 2``).
     """
@@ -80,10 +84,14 @@ class Feature(Term):
     class Params:
         beta: float = 2.0
         grid: Literal["interpolate", "pool"] = "interpolate"  # how the teacher's map meets the student's grid
+        class_token: bool = False  # also the student's class token against the teacher's (both ViTs with one)
+        eps: float = WHITEN_EPS  # the whitening's epsilon
 
         def validate(self, key: str) -> None:
             if self.beta <= 0:
                 raise ConfigError(f"{key}.beta", "must be positive")
+            if self.eps <= 0:
+                raise ConfigError(f"{key}.eps", "must be positive")
 
     def setup(self, model, seed: int, teacher: TeacherSource | None = None) -> None:
         self.grid = model.token_grid
@@ -93,6 +101,11 @@ class Feature(Term):
             raise UserError("feature: the teacher gives no feature maps (a store or label maps hold class predictions); use teacher.checkpoint or teacher.name")
         if model.spec.input_size is None:
             raise UserError("feature: the student's input size is unknown")
+        if self.params.class_token:
+            if getattr(model.backbone, "cls_token", None) is None:
+                raise UserError(f"feature.class_token: the student {model.spec.name} has no class token")
+            if not teacher.has_class_token:
+                raise UserError("feature.class_token: the teacher has no class token (a CNN, or a ViT without one); set class_token: false")
         channels = teacher.feature_shape(model.spec.input_size)[0]
         width = model.backbone.num_features
         # the projector's initial weights depend on the run seed only, not on what was built before
@@ -101,10 +114,17 @@ class Feature(Term):
             self.projector = nn.Linear(width, channels)
 
     def forward(self, out, batch, teacher):
-        target = whiten(adapt_grid(teacher.feature_map(), self.grid, self.params.grid))
-        tokens = out.patch_tokens
-        if tokens.shape[1] != target.shape[1]:
-            raise UserError(f"feature: the student gives {tokens.shape[1]} patch tokens, its grid {self.grid} has {target.shape[1]}")
+        target = adapt_grid(teacher.feature_map(), self.grid, self.params.grid)
+        tokens = out.final_tokens
+        prefix = out.num_prefix
+        if tokens.shape[1] - prefix != target.shape[1]:
+            raise UserError(f"feature: the student gives {tokens.shape[1] - prefix} patch tokens, its grid {self.grid} has {target.shape[1]}")
+        if self.params.class_token:  # the class token is the first prefix token in timm's ViTs
+            target = torch.cat([teacher.feature_class_token()[:, None].to(target.dtype), target], dim=1)
+            tokens = torch.cat([tokens[:, :1], tokens[:, prefix:]], dim=1)
+        else:
+            tokens = tokens[:, prefix:]
+        target = whiten(target, self.params.eps)
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             projected = self.projector(tokens.float())
         return F.smooth_l1_loss(projected, target, beta=self.params.beta)

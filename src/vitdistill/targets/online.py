@@ -26,7 +26,9 @@ class OnlineTeacher(TeacherSource):
     so its weights never enter the student's checkpoint.
 
     With ``feature_layer`` (an index into timm's ``forward_intermediates``) it also gives that
-    stage's or block's feature map, from the same forward pass as the logits. ``logits=False``
+    stage's or block's feature map, from the same forward pass as the logits (and a ViT's class
+    token at that block). ``feature_norm``: a ViT's features after its final norm (None: yes for
+    a ViT, the Feature-Distillation reference's default; a CNN's stages have none). ``logits=False``
     (feature-only objectives) leaves the logits out: the teacher's classes may then be any.
 
     The default source: chosen by ``teacher.checkpoint`` or ``teacher.name`` (+ ``weights``)
@@ -53,9 +55,11 @@ class OnlineTeacher(TeacherSource):
         input_size: int | None = None,
         feature_layer: int | None = None,
         logits: bool = True,
+        feature_norm: bool | None = None,
     ):
         self.model = model.eval().requires_grad_(False)
         self.feature_layer = feature_layer
+        self.feature_norm = model.is_vit if feature_norm is None else feature_norm
         self.logits = logits
         # what this one gives: class predictions unless feature-only, feature maps with a layer
         self.gives = frozenset(({"logits", "hard_labels"} if logits else set()) | ({"features"} if feature_layer is not None else set()))
@@ -103,8 +107,14 @@ class OnlineTeacher(TeacherSource):
         images = self.prepare(batch.images)
         if self.feature_layer is None:
             return TeacherPrediction(logits=self.model(images).inference().float())
-        out, features = self.model.forward_with_features(images, self.feature_layer)
-        return TeacherPrediction(logits=out.inference().float() if self.logits else None, features=features.float())
+        out, features, cls = self.model.forward_with_features(images, self.feature_layer, self.feature_norm)
+        logits = out.inference().float() if self.logits else None
+        return TeacherPrediction(logits=logits, features=features.float(), feature_cls=None if cls is None else cls.float())
+
+    @property
+    def has_class_token(self) -> bool:
+        """The teacher's features include a class token (a ViT with one)."""
+        return self.model.is_vit and getattr(self.model.backbone, "cls_token", None) is not None
 
     @torch.no_grad()
     def feature_shape(self, view_size: int) -> tuple[int, int, int]:
@@ -113,7 +123,7 @@ class OnlineTeacher(TeacherSource):
         if self.feature_layer is None:
             raise UserError("teacher: built without feature_layer, it gives no feature maps")
         device = self.scale.device
-        out, features = self.model.forward_with_features(self.prepare(torch.zeros(1, 3, view_size, view_size, device=device)), self.feature_layer)
+        out, features, _ = self.model.forward_with_features(self.prepare(torch.zeros(1, 3, view_size, view_size, device=device)), self.feature_layer, self.feature_norm)
         if features.dim() != 4:
             raise UserError(f"teacher.feature_layer: {self.model.spec.name} gives a {features.dim()}-d feature map, not [B, C, H, W]")
         return tuple(features.shape[1:])  # type: ignore[return-value]
@@ -159,7 +169,7 @@ def build_online_teacher(
     mean = cfg.mean or spec.mean or _timm_default(spec.name, "mean", IMAGENET_MEAN)
     std = cfg.std or spec.std or _timm_default(spec.name, "std", IMAGENET_STD)
     layer = (-1 if cfg.feature_layer is None else cfg.feature_layer) if features else None
-    return OnlineTeacher(model, student_mean, student_std, mean, std, cfg.input_size or None, feature_layer=layer, logits=classes)
+    return OnlineTeacher(model, student_mean, student_std, mean, std, cfg.input_size or None, feature_layer=layer, logits=classes, feature_norm=cfg.feature_norm)
 
 
 def _timm_default(name: str, key: str, fallback):

@@ -24,12 +24,19 @@ class TeacherPrediction:
     token_probs: torch.Tensor | None = None  # [B, N, C]: each student token's region
     top1: torch.Tensor | None = None  # [B] the teacher's class when known exactly (stores: fp16 can tie)
     features: torch.Tensor | None = None  # [B, C, H, W] feature map (teacher.feature_layer), fp32
+    feature_cls: torch.Tensor | None = None  # [B, C] a ViT teacher's class token at that block, fp32
 
     def feature_map(self) -> torch.Tensor:
         """``[B, C, H, W]`` the teacher's feature map (a ViT's patch tokens on their grid)."""
         if self.features is None:
             raise UserError("the objective needs the teacher's feature maps: use an online teacher (teacher.checkpoint or teacher.name)")
         return self.features
+
+    def feature_class_token(self) -> torch.Tensor:
+        """``[B, C]`` the teacher's class token at the feature map's block (ViT teachers)."""
+        if self.feature_cls is None:
+            raise UserError("the objective needs the teacher's class token: use a ViT teacher with one (or set the term's class_token: false)")
+        return self.feature_cls
 
     def tokens(self) -> torch.Tensor:
         """``[B, N, C]`` per-token target distributions."""

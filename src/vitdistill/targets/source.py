@@ -112,6 +112,11 @@ class TeacherSource:
         """``(C, H, W)`` of the feature maps given for views of ``view_size`` pixels."""
         raise UserError(f"teacher: a {self.kind} source gives no feature maps")
 
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the feature maps come with the teacher's class token (``TeacherPrediction.feature_cls``)."""
+        return False
+
 
 SOURCES: dict[str, type[TeacherSource]] = {}
 
