@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vitdistill import load_recipe, train
+from vitdistill.bench.seeds import train_once
 from vitdistill.engine.metrics import format_table
 
 STAGES = {
@@ -31,15 +31,12 @@ STAGES = {
 def run_stage(stage: str, args: argparse.Namespace) -> dict:
     out = Path(args.runs) / STAGES[stage]  # runs/cnn_teacher_cifar10 etc.: where the other recipes look
     epochs = args.teacher_epochs if stage == "teacher" else args.student_epochs
-    overrides = [f"output={out}", f"data.root={args.data}", f"optim.epochs={epochs}", f"seed={args.seed}", *args.overrides]
+    overrides = [f"data.root={args.data}", f"optim.epochs={epochs}", f"seed={args.seed}", *args.overrides]
     if stage == "distilled":
         overrides.append(f"teacher.checkpoint={Path(args.runs) / STAGES['teacher'] / 'model.safetensors'}")
     if args.compile:
         overrides.append("engine.compile=true")
-    summary = out / "summary.json"
-    if not summary.is_file():
-        train(load_recipe(STAGES[stage], overrides), resume=(out / "checkpoint.pt").is_file())
-    data = json.loads(summary.read_text())
+    data = train_once(out, STAGES[stage], overrides)
     final = data["final"]
     return {
         "stage": stage,
@@ -50,7 +47,7 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
         "top1_dist_last": final.get("eval_top1_dist"),
         "wall_time_s": data["wall_time_s"],
         "train_img_per_s": data["train_img_per_s"],
-        "command": "vitdistill train " + STAGES[stage] + " " + " ".join(overrides),
+        "command": "vitdistill train " + STAGES[stage] + " " + " ".join([f"output={out}", *overrides]),
     }
 
 

@@ -21,20 +21,12 @@ import json
 import statistics
 from pathlib import Path
 
-from vitdistill import load_recipe, train
+from vitdistill.bench import seeds
 from vitdistill.engine.metrics import format_table
 
 
-def run(folder: Path, recipe: str, overrides: list[str]) -> dict:
-    summary = folder / "summary.json"
-    if not summary.is_file():
-        train(load_recipe(recipe, [f"output={folder}", *overrides]), resume=(folder / "checkpoint.pt").is_file())
-    return json.loads(summary.read_text())
-
-
 def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}" if max(values) <= 1 else f"{statistics.mean(values):.2f} ± {std:.2f}"
+    return seeds.mean_std(values, 3 if max(values) <= 1 else 2)  # cosines in [0, 1] get a third digit
 
 
 def main() -> None:
@@ -54,7 +46,7 @@ def main() -> None:
         rows = []
         for seed in args.seeds:
             folder = Path(args.runs) / f"{label}-s{seed}"
-            summary = run(folder, recipe, [*common, f"seed={seed}", *extra])
+            summary = seeds.train_once(folder, recipe, [*common, f"seed={seed}", *extra])
             row = {"seed": seed, "top1": summary["final"]["eval_top1"], "wall_time_s": summary["wall_time_s"], "img_s": summary["train_img_per_s"]}
             if args.analyze:
                 from vitdistill.analysis import analyze

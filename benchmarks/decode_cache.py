@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vitdistill.bench.throughput import synthetic_imagefolder
+from vitdistill.bench.synthetic import synthetic_imagefolder
 from vitdistill.config import DataConfig
 from vitdistill.data import open_source
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
+from vitdistill.bench.seeds import mean_std
 from vitdistill.demo import run_demo
 from vitdistill.engine.metrics import format_table
 
@@ -30,8 +30,7 @@ def main() -> None:
     rows = []
     for stage in ("teacher", "student", "distilled"):
         values = [r[stage] for r in runs]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        rows.append([stage, f"{statistics.mean(values):.2f} ± {std:.2f}", " ".join(f"{v:.2f}" for v in values)])
+        rows.append([stage, mean_std(values), " ".join(f"{v:.2f}" for v in values)])
     gains = [r["distilled"] - r["student"] for r in runs]
     print(format_table(["stage", "top-1 mean ± std", "per seed"], rows))
     walls = " ".join(f"{r['wall_s']:.0f}s" for r in runs)

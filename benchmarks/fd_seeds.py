@@ -24,22 +24,17 @@ import statistics
 import time
 from pathlib import Path
 
-from vitdistill import load_recipe, train
+from vitdistill import load_recipe
 from vitdistill.analysis import analyze
+from vitdistill.bench.seeds import mean_std, train_once
 from vitdistill.engine.metrics import format_table
 
 
 def run(folder: Path, recipe: str, overrides: list[str]) -> dict:
     """Train unless finished; the summary and the per-epoch rows."""
-    if not (folder / "summary.json").is_file():
-        train(load_recipe(recipe, [f"output={folder}", *overrides]), resume=(folder / "checkpoint.pt").is_file())
+    summary = train_once(folder, recipe, overrides)
     rows = list(csv.DictReader(open(folder / "metrics.csv")))
-    return {**json.loads((folder / "summary.json").read_text()), "rows": rows}
-
-
-def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+    return {**summary, "rows": rows}
 
 
 def main() -> None:

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-from vitdistill import load_recipe, train
+from vitdistill import load_recipe
+from vitdistill.bench.seeds import mean_std, train_once
 from vitdistill.engine.metrics import format_table
 from vitdistill.store import Manifest, write_store
 
 
 def last_top1(folder: Path, recipe: str, overrides: list[str]) -> float:
-    summary = folder / "summary.json"
-    if not summary.is_file():
-        train(load_recipe(recipe, [f"output={folder}", *overrides]), resume=(folder / "checkpoint.pt").is_file())
-    return json.loads(summary.read_text())["final"]["eval_top1"]
+    return train_once(folder, recipe, overrides)["final"]["eval_top1"]
 
 
 def main() -> None:
@@ -54,11 +51,10 @@ def main() -> None:
             results.setdefault(f"store k={k or 'all'}", []).append(top1)
     rows = []
     for name, values in results.items():
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
         k = None if name == "online" else int(name.split("=")[1]) if name.split("=")[1] != "all" else 0
         record = f"{sizes[k][0]} B" if k is not None else "-"
         size = f"{sizes[k][1] / 2**20:.1f} MiB" if k is not None else "-"
-        rows.append([name, f"{statistics.mean(values):.2f} ± {std:.2f}", " ".join(f"{v:.2f}" for v in values), record, size])
+        rows.append([name, mean_std(values), " ".join(f"{v:.2f}" for v in values), record, size])
     print(format_table(["teacher", "top-1 last (%)", "per seed", "bytes/sample/epoch", "store size (one seed)"], rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "sizes": {str(k): v for k, v in sizes.items()}}, indent=2))

@@ -15,6 +15,13 @@ def test_benchmark_scripts_compile():
         py_compile.compile(str(script), doraise=True)
 
 
+def test_mean_std_over_seeds():
+    from vitdistill.bench.seeds import mean_std
+
+    assert mean_std([1.0, 2.0, 4.0]) == "2.33 ± 1.53"  # the sample std (n - 1)
+    assert mean_std([0.25], digits=3) == "0.250 ± 0.000"  # one seed: no spread
+
+
 def test_throughput_benchmark_reports_all_variants(tmp_path, capsys):
     out = tmp_path / "throughput.json"
     args = ["bench", "throughput", "--device", "cpu", "--batch-size", "4", "--warmup", "1", "--steps", "2", "--workers", "1",

@@ -3,7 +3,6 @@ interface, our wrapper, analysis capture and a tiny training run."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import timm
@@ -258,3 +257,15 @@ def test_dynamic_img_size_through_our_wrapper_with_mixtoken():
     torch.testing.assert_close(unmixed.logits, plain.logits)
     torch.testing.assert_close(swapped.logits, plain.logits[[2, 1, 0]])  # every patch token from the partner
     assert larger.token_logits.shape == (2, 36, 10) and larger.logits.shape == (2, 10)
+
+
+def test_checkpoint_filter_unwraps_training_checkpoints_and_resamples_positions():
+    from vitdistill.models.lvvit import checkpoint_filter_fn
+
+    trained = small(depth=1)  # 8x8 tokens
+    wrapped = {"epoch": 3, "model": {f"module.{k}": v for k, v in trained.state_dict().items()}}  # a DDP training checkpoint
+    wider = timm.create_model("lvvit_tiny", pretrained=False, img_size=(32, 48), patch_size=4, num_classes=10, depth=1)  # 8x12 tokens
+    state = checkpoint_filter_fn(wrapped, wider)
+    assert set(state) == set(trained.state_dict())
+    assert state["pos_embed"].shape == wider.pos_embed.shape == (1, 1 + 8 * 12, trained.embed_dim)
+    wider.load_state_dict(state)

@@ -108,10 +108,6 @@ def centre_boxes(n: int, height: Size, width: Size, device, crop_pct: float = 1.
     return torch.stack([x1, y1, x1 + side, y1 + side], dim=1).to(torch.float32)
 
 
-def full_boxes(n: int, height: int, width: int, device) -> torch.Tensor:
-    return constant_boxes(n, (0.0, 0.0, width, height), device)
-
-
 def sample_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: Size, width: Size, cfg: AugmentConfig) -> torch.Tensor:
     """The training crop box of every sample (``crop: none`` is the centred square of the short
     side: the whole image when square, and the evaluation view's geometry otherwise)."""

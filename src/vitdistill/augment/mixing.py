@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..config import AugmentConfig
 from ..errors import UserError
@@ -92,6 +93,11 @@ def apply_mixing(own: torch.Tensor, partner: torch.Tensor, plan: MixPlan) -> tor
     blended = torch.where(plan.is_cutmix.view(-1, 1, 1, 1), own, blended)
     inside = box_mask(plan.box, own.shape[-1])[:, None]
     return torch.where(inside, partner, blended)
+
+
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """``[B, C]`` label distributions ``(1 - eps) onehot(y) + eps / C`` (label smoothing ``eps``), fp32."""
+    return F.one_hot(labels, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
 
 
 def token_own_share(mix_boxes: torch.Tensor, lam: torch.Tensor, image_size, num_tokens: int) -> torch.Tensor:

@@ -12,14 +12,13 @@ from dataclasses import dataclass, fields
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ..config import AugmentConfig
 from ..data import ImageSource
 from ..data.prefetch import prefetch
 from ..rng import CounterRNG
 from .geometry import centre_boxes, render, sample_boxes, sample_flips
-from .mixing import MixPlan, apply_mixing, mixing_enabled, partner_table, plan_mixing
+from .mixing import MixPlan, apply_mixing, mixing_enabled, partner_table, plan_mixing, smooth_one_hot
 from .photometric import color_jitter, random_erase
 from .randaugment import fill_levels, parse_rand_augment, rand_augment
 
@@ -58,9 +57,8 @@ class ViewBatch:
 
     def label_targets(self, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
         """``[B, C]`` label distribution: ``lam * y_i + (1 - lam) * y_partner``, each smoothed."""
-        off = smoothing / num_classes
-        own = F.one_hot(self.labels, num_classes).float() * (1.0 - smoothing) + off
-        other = F.one_hot(self.partner_labels, num_classes).float() * (1.0 - smoothing) + off
+        own = smooth_one_hot(self.labels, num_classes, smoothing)
+        other = smooth_one_hot(self.partner_labels, num_classes, smoothing)
         lam = self.lam.float()[:, None]
         return lam * own + (1.0 - lam) * other
 

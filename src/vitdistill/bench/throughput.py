@@ -24,13 +24,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import ModelConfig, RunConfig, config_from_dict
 from ..data import train_batches
 from ..engine.distributed import DistEnv, resolve_device
 from ..models import build_model, export_model
+from .synthetic import synthetic_imagefolder
+from .timm_patches import patch_timm_posterize
 
 
 @dataclass
@@ -70,29 +71,6 @@ REGIMES = {
         batch_size=256,
     ),
 }
-
-
-def synthetic_imagefolder(root: Path, count: int, classes: int = 10, sizes=(320, 500), seed: int = 0) -> Path:
-    """An ImageFolder of smooth random JPEGs of ImageNet-like sizes (made once), for the 224
-    regime when no real dataset is given. JPEG decoding cost is what matters, not content."""
-    from PIL import Image
-
-    split = root / "train"
-    marker = root / f".complete-{count}"
-    if marker.is_file():
-        return root
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        folder = split / f"class{i % classes:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        w, h = rng.integers(sizes[0], sizes[1] + 1, size=2)
-        small = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
-        img = small.resize((int(w), int(h)), Image.BICUBIC)
-        noise = rng.integers(-12, 13, (int(h), int(w), 3))
-        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
-        img.save(folder / f"{i:06d}.jpg", quality=90)
-    marker.touch()
-    return root
 
 
 def make_config(regime: Regime, data_root: str, cache: str, teacher_file: Path | None, batch_size: int, compile_model: str, device: str,
@@ -174,42 +152,6 @@ def measure_bare(trainer, warmup: int, steps: int) -> float:
         return len(batch)
 
     return timed(step, iter(lambda: real, None), warmup, steps, device)
-
-
-def black_on_zero_bits_posterize():
-    """timm's ``posterize`` op, keeping 0 bits as a black image.
-
-    timm's ``rand-m9-mstd0.5-inc1`` reaches ``PosterizeIncreasing`` at magnitude 10 (the std
-    lets it clip there), i.e. 0 bits kept; Pillow >= 10 raises "bits must be between or equal to
-    1 and 8" for that, crashing the DataLoader. Older Pillow gave a black image, as our batched
-    RandAugment does. Used by this benchmark's timm path only.
-    """
-    from PIL import Image
-    from timm.data import auto_augment
-
-    original = auto_augment.posterize
-
-    def posterize(img, bits_to_keep, **kwargs):
-        if bits_to_keep <= 0:
-            return Image.new(img.mode, img.size)
-        return original(img, bits_to_keep, **kwargs)
-
-    return posterize
-
-
-def patch_timm_posterize() -> None:
-    """Route timm's Posterize ops through :func:`black_on_zero_bits_posterize` (its op table
-    holds the function itself, so the table entries are replaced; forked DataLoader workers
-    inherit them)."""
-    from timm.data import auto_augment
-
-    if getattr(auto_augment.NAME_TO_OP.get("PosterizeIncreasing"), "_vitdistill_patched", False):
-        return
-    patched = black_on_zero_bits_posterize()
-    patched._vitdistill_patched = True
-    for name, fn in list(auto_augment.NAME_TO_OP.items()):
-        if fn is auto_augment.posterize:
-            auto_augment.NAME_TO_OP[name] = patched
 
 
 def measure_cpu_loader(trainer, split_dir: Path, regime: Regime, workers: int, warmup: int, steps: int) -> float:

@@ -17,8 +17,6 @@ import yaml
 
 from ..errors import ConfigError
 
-_MISSING = object()
-
 
 def parse_value(tp: Any, value: Any, key: str) -> Any:
     """Return ``value`` converted to type ``tp``, or raise :class:`ConfigError` naming ``key``."""

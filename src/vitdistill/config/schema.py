@@ -44,7 +44,7 @@ def _join(prefix: str, name: str) -> str:
 
 @dataclass
 class DataConfig:
-    """Where images come from. See :mod:`vitdistill.data.sources`."""
+    """Where images come from. See :mod:`vitdistill.data.source`."""
 
     source: Literal["imagefolder", "cifar10", "cifar100", "digits", "hf"] = "imagefolder"
     root: str | None = None  # folder, or a .tar/.tar.gz/.zip of one (unpacked once into cache_dir); hf: a saved DatasetDict or parquet folder

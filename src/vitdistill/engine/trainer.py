@@ -22,17 +22,14 @@ from ..objective import Objective
 from ..progress import progress_bar
 from ..rng import derive_seed
 from ..targets import TeacherFn, TeacherPrediction
+from .budget import Budget, BudgetPlan
 from .checkpoint import CHECKPOINT_FORMAT, save_atomic
 from .distributed import DistEnv, all_reduce_sum, autocast, barrier
 from .evaluate import evaluate
-from .budget import BudgetClock, BudgetPlan, parse_duration, plan_steps
 from .guard import FiniteGuard, check_finite_state
 from .metrics import MetricsLog, format_duration
 from .optim import build_optimizer, build_scheduler
 
-EXPORT_RESERVE_S = 0.5  # a budgeted run keeps this for writing model.safetensors at the end
-PLAN_MARGIN = 0.02  # ... and plans to end this fraction of its budget early (the rate drifts)
-REVISIONS = 4  # corrections of a budgeted run's plan from its later epochs
 
 
 def sync_device(device: torch.device) -> None:
@@ -95,10 +92,8 @@ class Trainer:
         self.budget = None
         if cfg.optim.budget is not None:
             start = clock_start if clock_start is not None else time.perf_counter()
-            self.budget = BudgetClock(parse_duration(cfg.optim.budget), start, lambda: sync_device(env.device))
-        self.last_eval_s = self.last_checkpoint_s = None
-        self.epoch_costs: list[tuple[int, float, float | None, float | None]] = []  # budgeted runs: (steps, train, eval, checkpoint) s per epoch
-        self.costs_from = 0  # epoch_costs index where the measurements after the plan begin
+            self.budget = Budget(cfg.optim.budget, start, env, lambda: sync_device(env.device), self.steps, cfg.engine.eval_every,
+                                 self.total_steps, self.probe_costs)
         self.num_updates = 0
         self.start_epoch = 0
         self.history: list[dict] = []
@@ -116,7 +111,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "spec": self.model.spec.to_json(),
             "history": self.history,
-            "budget_plan": self.budget.plan.to_dict() if self.budget is not None and self.budget.plan is not None else None,
+            "budget_plan": self.budget.state_dict() if self.budget is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -130,8 +125,7 @@ class Trainer:
         self.start_epoch = state["epoch"]
         self.history = list(state["history"])
         if self.budget is not None and state.get("budget_plan") is not None:  # a budgeted run keeps its plan
-            self.apply_plan(BudgetPlan(**state["budget_plan"]), announce=False)
-            self.budget.revisions = REVISIONS  # the plan as saved, not a new one
+            self.apply_plan(self.budget.load_state_dict(state["budget_plan"]))
         self.scheduler.step_update(self.num_updates)
 
     # ---------------------------------------------------------------- the loop
@@ -148,23 +142,22 @@ class Trainer:
                 # Nothing non-finite is ever saved: the previous checkpoint stays the last good one.
                 check_finite_state(epoch, self.model, self.objective, self.ema)
                 last = (epoch + 1) * self.steps >= self.total_steps
+                eval_s = None
                 if (epoch + 1) % cfg.engine.eval_every == 0 or last:
                     began = time.perf_counter()
                     row.update(self.evaluate_all())
-                    self.last_eval_s = time.perf_counter() - began
+                    eval_s = time.perf_counter() - began
                 self.history.append(row)
                 if env.is_main:
-                    began = time.perf_counter()
                     save_atomic(self.state_dict(epoch + 1), self.output / "checkpoint.pt")
-                    self.last_checkpoint_s = time.perf_counter() - began
                     log.write(self.history)
                     bar.write(epoch_line(row, self.epochs))
                 barrier(env)
                 if self.budget is not None and not last:
-                    eval_s = self.last_eval_s if "eval_top1" in row else 0.0
-                    rest_s = time.perf_counter() - epoch_began - row["train_time_s"] - eval_s  # checkpoint, log, batching...
-                    self.epoch_costs.append((row["train_steps"], row["train_time_s"], eval_s if "eval_top1" in row else None, rest_s))
-                    if self.revise_plan((epoch + 1) * self.steps, bar):
+                    epoch_s = time.perf_counter() - epoch_began
+                    plan = self.budget.end_epoch((epoch + 1) * self.steps, row["train_steps"], row["train_time_s"], eval_s, epoch_s)
+                    if plan is not None:
+                        self.apply_plan(plan, bar)
                         if env.is_main:  # the plan is saved with the epoch: a resumed run keeps it
                             save_atomic(self.state_dict(epoch + 1), self.output / "checkpoint.pt")
                         barrier(env)
@@ -184,52 +177,7 @@ class Trainer:
         """Epochs of the schedule (with a budget: as planned; the last may be partial)."""
         return -(-self.total_steps // self.steps)
 
-    # ---------------------------------------------------------------- time budget
-    def revise_plan(self, steps_done: int, bar) -> bool:
-        """At an epoch's end: plan now if the first epoch ended before the measuring window did;
-        later, each time a quarter of the remaining planned time has passed (at most
-        ``REVISIONS`` times), re-plan from the epochs since the last plan (their training,
-        evaluation and other per-epoch times: free of warm-up, and recent when the machine's
-        speed drifts), so that the schedule still ends on the budget. The cosine is rebuilt for
-        the new length: a change of a few percent moves the lr by as little. Returns whether the
-        plan changed."""
-        clock = self.budget
-        if clock.plan is None:
-            step_s = clock.partial_rate(steps_done) or self.epoch_costs[-1][1] / max(self.epoch_costs[-1][0], 1)
-            self.make_plan(steps_done, step_s, bar)
-            self.costs_from = len(self.epoch_costs)
-            return True
-        plan = clock.plan
-        since = self.epoch_costs[self.costs_from :]
-        due = plan.planned_at_s + 0.25 * (plan.planned_end_s - plan.planned_at_s)
-        if clock.revisions >= REVISIONS or len(since) < 2 or clock.elapsed() < due:
-            return False
-        steps, train_s = sum(c[0] for c in since), sum(c[1] for c in since)
-        evals = [c[2] for c in since if c[2] is not None]
-        others = [c[3] for c in since if c[3] is not None]
-        eval_s = sum(evals) / len(evals) if evals else plan.eval_s
-        other_s = sum(others) / len(others) if others else plan.checkpoint_s
-        clock.revisions += 1
-        self.make_plan(steps_done, train_s / max(steps, 1), bar, eval_s, other_s, announce=False)
-        self.costs_from = len(self.epoch_costs)
-        return True
-
-    def make_plan(self, steps_done: int, step_s: float, bar, eval_s: float | None = None, checkpoint_s: float | None = None,
-                  announce: bool = True) -> None:
-        """Fix the schedule's length from the measured step time and the cost of an evaluation
-        and a checkpoint (measured now when not given)."""
-        if eval_s is None or checkpoint_s is None:
-            eval_s, checkpoint_s = self.probe_costs(steps_done // self.steps)
-        measured = torch.tensor([step_s, eval_s, checkpoint_s, self.budget.elapsed()], dtype=torch.float64, device=self.env.device)
-        if self.env.world > 1:  # every process plans the same schedule
-            torch.distributed.all_reduce(measured, op=torch.distributed.ReduceOp.MAX)
-        step_s, eval_s, checkpoint_s, elapsed = measured.tolist()
-        plan = plan_steps(self.budget.budget_s, elapsed, steps_done, step_s, eval_s, checkpoint_s, self.steps, self.cfg.engine.eval_every,
-                          self.cfg.optim.epochs * self.steps, reserve_s=EXPORT_RESERVE_S + PLAN_MARGIN * self.budget.budget_s)
-        self.apply_plan(plan, announce)
-        bar.total = plan.total_steps
-        bar.refresh()
-
+    # ---------------------------------------------------------------- time budget (engine.budget plans)
     def probe_costs(self, epoch: int) -> tuple[float, float]:
         """Seconds of one evaluation and one checkpoint write, measured twice each (the first
         includes one-time costs: compiling the evaluation graph, cuDNN autotuning)."""
@@ -247,19 +195,14 @@ class Trainer:
         self.step_module.train()
         return evals[-1], checkpoints[-1]
 
-    def apply_plan(self, plan: BudgetPlan, announce: bool = True) -> None:
-        self.budget.plan = plan
+    def apply_plan(self, plan: BudgetPlan, bar=None) -> None:
+        """Train for the plan's number of steps: the schedule's length, its cosine, the progress bar."""
         self.total_steps = plan.total_steps
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.steps, total_steps=plan.total_steps)
         self.scheduler.step_update(self.num_updates)
-        if announce and self.env.is_main:
-            limit = " (optim.epochs is the limit)" if plan.capped_by_epochs else ""
-            print(
-                f"vitdistill: budget {format_duration(plan.budget_s)}: {1000 * plan.step_s:.1f} ms/step, {plan.eval_s:.2f} s/evaluation, "
-                f"{plan.checkpoint_s:.2f} s/checkpoint -> {plan.total_steps:,} steps ({plan.total_steps / self.steps:.1f} epochs){limit}, "
-                f"planned to end at {format_duration(plan.planned_end_s)}",
-                flush=True,
-            )
+        if bar is not None:
+            bar.total = plan.total_steps
+            bar.refresh()
 
     def train_epoch(self, epoch: int, bar) -> dict[str, float]:
         cfg, env = self.cfg, self.env
@@ -288,17 +231,13 @@ class Trainer:
                 for key, value in {"loss": loss, **parts}.items():
                     sums[key] = sums.get(key, 0.0) + value.float()
                 updates += 1
-            if self.budget is not None and self.budget.plan is None:
-                step_s = self.budget.measure(first + step + 1)
-                if step_s is not None:
-                    self.make_plan(first + step + 1, step_s, bar)
-                    self.costs_from = len(self.epoch_costs) + 1  # this epoch's times include the warm-up and the probes
+            if self.budget is not None and (plan := self.budget.after_step(first + step + 1)) is not None:
+                self.apply_plan(plan, bar)
             last_step = step == len(batches) - 1 or first + step + 1 >= self.total_steps
             if step % 25 == 0 or last_step:
                 guard.check(epoch)  # reads the device-side flag where the loop synchronises anyway
-                if self.budget is not None and self.budget.out_of_time(self.finish_reserve()):
+                if self.budget is not None and self.budget.out_of_time():
                     self.total_steps = first + step + 1  # the rate did not hold: end the schedule here
-                    self.budget.cut_short = True
                 rate = images * env.world / max(time.perf_counter() - start, 1e-9)
                 mean = float(sums["loss"]) / max(updates, 1) if sums else float("nan")
                 bar.set_postfix_str(f"loss {mean:.4f}  lr {self.lr:.2e}  {rate:,.0f} img/s")
@@ -336,12 +275,6 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, step=self.num_updates)
         return loss.detach(), parts
-
-    def finish_reserve(self) -> float:
-        """Seconds a budgeted run keeps for its end: a last evaluation, checkpoint and export
-        (the plan's margin is not kept: a slightly slow run may use it before being cut)."""
-        plan = self.budget.plan if self.budget is not None else None
-        return EXPORT_RESERVE_S + (plan.eval_s + plan.checkpoint_s if plan is not None else 0.0)
 
     @property
     def lr(self) -> float:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import VisionModel
-from ..models.network import SPEC_KEY
+from ..models.weights import SPEC_KEY
 from .source import ExportSource, inference_backbone
 
 OPSET = 18

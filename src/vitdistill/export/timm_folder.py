@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..models.network import SPEC_KEY
+from ..models.weights import SPEC_KEY
 from .source import ExportSource, inference_backbone
 
 # pretrained_cfg entries that describe the published weights timm's registry knows for this

@@ -68,6 +68,8 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import Attention  # here in every timm 1.0.x (timm.layers only from 1.0.16)
 from torch import nn
 
+from .weights import unwrap_state_dict
+
 
 def _pair_even(value, name: str) -> tuple[int, int]:
     pair = tuple(int(v) for v in to_2tuple(value))
@@ -372,10 +374,8 @@ class LVViT(nn.Module):
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LVViT) -> dict[str, torch.Tensor]:
     """Weights for ``model`` from a state dict trained at another input or patch grid: the position
     embedding is resampled to the model's grid (as timm does for its ViTs); the reference's
-    checkpoints (``model`` / ``state_dict`` entries) are unwrapped."""
-    for entry in ("model", "state_dict"):
-        if isinstance(state_dict.get(entry), dict):
-            state_dict = state_dict[entry]
+    training checkpoints are unwrapped (:func:`~vitdistill.models.weights.unwrap_state_dict`)."""
+    state_dict = unwrap_state_dict(state_dict)
     if model.aux_head is None:  # an inference-only model: the per-token head stays behind
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("aux_head.")}
     pos = state_dict.get("pos_embed")

@@ -1,88 +1,24 @@
-"""Build timm models by name, wrap them with a uniform typed forward, save and load them.
-
-An exported model is a ``.safetensors`` file holding the timm model's own state dict (so timm
-users can load it directly) and, in its metadata, a :class:`ModelSpec`: everything needed to
-rebuild it (architecture, class names, input size, normalisation).
-"""
+"""Build timm models by name and wrap them with a uniform typed forward (:class:`VisionModel`);
+rebuild exported ones. Weight files are :mod:`vitdistill.models.weights`."""
 
 from __future__ import annotations
 
 import difflib
-import json
-import os
-import pickle
-import zipfile
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import timm
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from ..config import ModelConfig
 from ..config.schema import register_recipe_check
-from ..errors import ConfigError, UserError, short_reason
+from ..errors import ConfigError, UserError
 from . import convnet, lvvit  # noqa: F401  (register our CNNs and LV-ViT in timm)
-from .adapt import adapt_kwargs
 from .init import truncated_init
 from .output import EVAL_HEADS, ModelOutput, TokenMix
-from .relpos import per_block_rel_pos_bias
+from .spec import ModelSpec
 from .stems import SMALL_STEM
-
-SPEC_KEY = "vitdistill"
-EXTRA_PREFIX = "_vitdistill."  # keys of weights that are not the timm model's (e.g. our token head)
-
-
-@dataclass
-class ModelSpec:
-    """What rebuilds a trained model: timm name and arguments plus its data conventions."""
-
-    name: str
-    num_classes: int
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    small_input_stem: bool = False
-    classes: list[str] = field(default_factory=list)
-    input_size: int | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    token_head: bool = False  # a linear classifier on every patch token (token labeling)
-    eval_head: str = "cls"  # model.eval_head: the evaluation rule (ModelOutput.inference)
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, num_classes: int, **conventions) -> "ModelSpec":
-        kwargs = dict(cfg.kwargs)
-        if cfg.img_size is not None:
-            kwargs["img_size"] = cfg.img_size
-        if cfg.patch_size is not None:
-            kwargs["patch_size"] = cfg.patch_size
-        kwargs = adapt_kwargs(cfg.name, kwargs)
-        return cls(
-            name=cfg.name,
-            num_classes=num_classes,
-            kwargs=kwargs,
-            small_input_stem=cfg.small_input_stem,
-            token_head=cfg.token_head,
-            eval_head=cfg.eval_head,
-            **conventions,
-        )
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        if data["eval_head"] == "cls":  # the default is left out: specs written before it existed stay byte-identical
-            del data["eval_head"]
-        return json.dumps(data, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ModelSpec":
-        data = json.loads(text)
-        for key in ("mean", "std"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
+from .weights import EXTRA_PREFIX, load_weights, read_spec, resolve_export
 
 
 def is_vit(net: nn.Module) -> bool:
@@ -336,113 +272,6 @@ def build_model(cfg: ModelConfig, num_classes: int, **conventions) -> VisionMode
     if cfg.freeze_bn:
         model.freeze_batchnorm()
     return model
-
-
-@contextmanager
-def damaged_file_errors(path: Path):
-    """A weights file that cannot be parsed (truncated, overwritten) is one :class:`UserError`."""
-    try:
-        yield
-    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise UserError(f"{path} cannot be read: the file is damaged or truncated ({short_reason(err)})") from None
-
-
-def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file (``state_dict``/``model`` entries and
-    ``module.`` prefixes are unwrapped). ``key`` names the recipe key in errors."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise UserError(f"{key}: {path} does not exist")
-    if path.suffix == ".safetensors":
-        with damaged_file_errors(path):
-            state = load_file(str(path))
-    else:
-        with damaged_file_errors(path):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        for entry in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(entry), dict):
-                state = state[entry]
-    if not isinstance(state, dict):
-        raise UserError(f"{key}: {path} does not hold a state dict")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-
-
-def load_weights(model: VisionModel, path: str | Path, key: str) -> None:
-    """Weights for a model (an export, run folder or plain state dict). The classifier may have
-    another class count (finetuning on other classes): it is then left freshly initialised."""
-    state = read_state_dict(path, key)
-    model.load_extra_state(state)
-    state = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
-    own = model.backbone.state_dict()
-    state = per_block_rel_pos_bias(state, own, key)
-    classifier = {n for n, _ in model.backbone.named_parameters() if n.startswith(classifier_prefixes(model.backbone))}
-    skipped = [k for k in state if k in classifier and k in own and state[k].shape != own[k].shape]
-    if skipped:
-        print(f"vitdistill: {key}: {path} has another class count; the classifier ({', '.join(skipped)}) starts fresh")
-    load_backbone_weights(model.backbone, {k: v for k, v in state.items() if k not in skipped}, key, missing_ok=set(skipped))
-
-
-def classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
-    """Prefixes of the classification heads' parameter names."""
-    names = []
-    for attr in ("head", "head_dist", "fc", "classifier", "aux_head"):
-        if isinstance(getattr(backbone, attr, None), nn.Module):
-            names.append(f"{attr}.")
-    return tuple(names) or ("head.",)
-
-
-def load_backbone_weights(backbone: nn.Module, path: str | Path | dict, key: str, missing_ok: set[str] = frozenset()) -> None:
-    state = read_state_dict(path, key) if not isinstance(path, dict) else path
-    source = "the state dict" if isinstance(path, dict) else path  # what the errors name
-    state = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
-    try:
-        result = backbone.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches, e.g. another class count
-        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
-        raise UserError(f"{key}: {source} does not fit the model ({detail})") from None
-    missing = [k for k in result.missing_keys if k not in missing_ok]
-    if missing or result.unexpected_keys:
-        missing, unexpected = missing[:3], result.unexpected_keys[:3]
-        raise UserError(f"{key}: {source} does not fit the model (missing {missing}, unexpected {unexpected})")
-
-
-def export_model(model: VisionModel, path: str | Path) -> None:
-    """Write the backbone's weights and the spec to ``path`` (atomic: temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().contiguous().cpu() for k, v in {**model.backbone.state_dict(), **model.extra_state()}.items()}
-    try:
-        save_file(state, str(tmp), metadata={SPEC_KEY: model.spec.to_json()})
-        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes 0600; other run files follow the umask
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def read_spec(path: str | Path) -> ModelSpec:
-    with damaged_file_errors(path), safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if SPEC_KEY not in meta:
-        raise UserError(f"{path} is not a vitdistill export (no model spec in its metadata); use teacher.name + teacher.weights")
-    return ModelSpec.from_json(meta[SPEC_KEY])
-
-
-def resolve_export(path: str | Path) -> Path:
-    """A run folder or an export file -> the export file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist (expected a model.safetensors written by vitdistill, or its run folder)")
-    return path
 
 
 def load_model(path: str | Path) -> VisionModel:

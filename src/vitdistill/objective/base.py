@@ -25,10 +25,11 @@ from ..config.parsing import parse_dataclass, parse_value, to_dict
 from ..config.schema import register_recipe_check
 from ..errors import ConfigError
 from ..models import ModelOutput
+from ..models.output import HEADS
 from ..targets import TeacherPrediction, TeacherSource
 
 TERMS: dict[str, type["Term"]] = {}
-ROUTES = ("auto", "cls", "dist", "mean")
+ROUTES = ("auto", *HEADS)  # a term's `head`: one of the model's heads, or the term's default
 
 
 def register_term(cls: type["Term"]) -> type["Term"]:

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
 from .base import Term, register_term
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``mean_b  -sum_c target_bc * log psi(Z)_bc``, in fp32."""
-    return -(target.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+from .functional import soft_cross_entropy
 
 
 @register_term

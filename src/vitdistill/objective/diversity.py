@@ -24,10 +24,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..augment.mixing import token_own_share
+from ..augment.mixing import smooth_one_hot, token_own_share
 from ..errors import ConfigError, UserError
 from ..models import ModelOutput
 from .base import Term, register_term
+from .functional import soft_cross_entropy
 
 EPS = 1e-6  # F.normalize: a zero token stays zero instead of dividing by zero
 
@@ -141,9 +142,8 @@ def patch_targets(batch, num_patches: int, num_classes: int, smoothing: float = 
     """``[B, N, C]`` per-patch label distributions:
     ``w_bi * smooth(onehot(label_b)) + (1 - w_bi) * smooth(onehot(partner_label_b))`` with
     ``w`` from :func:`~vitdistill.augment.mixing.token_own_share` and ``smooth(y) = (1 - eps) y + eps / C``."""
-    off = smoothing / num_classes
-    own = F.one_hot(batch.labels, num_classes).float() * (1.0 - smoothing) + off
-    other = F.one_hot(batch.partner_labels, num_classes).float() * (1.0 - smoothing) + off
+    own = smooth_one_hot(batch.labels, num_classes, smoothing)
+    other = smooth_one_hot(batch.partner_labels, num_classes, smoothing)
     w = token_own_share(batch.mix_boxes, batch.lam, batch.images.shape[-2:], num_patches)[:, :, None]
     return w * own[:, None, :] + (1.0 - w) * other[:, None, :]
 
@@ -179,6 +179,6 @@ class PatchMix(Term):
             if out.tokens is None:
                 raise UserError(f"{self.name} needs patch tokens, but the model is not a vision transformer")
             raise UserError(f"{self.name} classifies every patch token with the model's token head: set model.token_head: true")
-        logits = out.token_logits.float()  # [B, N, C]
+        logits = out.token_logits  # [B, N, C]
         target = patch_targets(batch, logits.shape[1], self.num_classes, self.params.smoothing)
-        return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+        return soft_cross_entropy(logits, target)

@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError, RecipeWarning, UserError
 from ..models.output import TokenMix
 from ..rng import CounterRNG, derive_seed
 from .base import Term, register_term
-from .classification import soft_cross_entropy
+from .functional import soft_cross_entropy
 
 
 def sample_token_mix(rng: CounterRNG, epoch: int, index: torch.Tensor, grid: tuple[int, int], box: str = "sample") -> TokenMix:
@@ -109,5 +108,5 @@ class TokenLabel(Term):
             y_cls = (1 - share) * y_cls + share * y_cls[mix.partner]
         if out.token_logits is None or out.token_logits.shape[1] != tokens.shape[1]:
             raise UserError("token_label: the model's per-token logits do not match the token targets' grid")
-        token_loss = -(tokens * F.log_softmax(out.token_logits.float(), dim=-1)).sum(dim=-1).mean()
+        token_loss = soft_cross_entropy(out.token_logits, tokens)
         return soft_cross_entropy(out.head(self.head), y_cls) + self.params.beta * token_loss

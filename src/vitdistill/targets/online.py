@@ -11,7 +11,8 @@ from ..config.schema import IMAGENET_MEAN, IMAGENET_STD
 from ..data import ImageSource
 from ..errors import ConfigError, UserError
 from ..models import ModelSpec, VisionModel, load_model
-from ..models.network import check_input_size, classifier_prefixes, create_backbone, load_backbone_weights, read_state_dict
+from ..models.network import check_input_size, create_backbone
+from ..models.weights import classifier_prefixes, load_backbone_weights, read_state_dict
 from .prediction import TeacherPrediction
 from .source import Request, TeacherSource, register_source
 
