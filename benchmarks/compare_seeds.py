@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 from vitdistill import load_recipe, train
-from vitdistill.engine.metrics import format_table
+from vitdistill.formatting import format_table
 
 
 def run(folder: Path, recipe: str, overrides: list[str]) -> dict:

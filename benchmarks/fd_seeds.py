@@ -26,7 +26,7 @@ from pathlib import Path
 
 from vitdistill import load_recipe, train
 from vitdistill.analysis import analyze
-from vitdistill.engine.metrics import format_table
+from vitdistill.formatting import format_table
 
 
 def run(folder: Path, recipe: str, overrides: list[str]) -> dict:

@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 from vitdistill import load_recipe, train
-from vitdistill.engine.metrics import format_table
+from vitdistill.formatting import format_table
 from vitdistill.store import Manifest, write_store
 
 

@@ -17,7 +17,7 @@ from vitdistill.cli import main
 from vitdistill.config import DataConfig, ModelConfig, TeacherConfig
 from vitdistill.data import open_source
 from vitdistill.engine import trainer as trainer_module
-from vitdistill.engine.distributed import DistEnv
+from vitdistill.device import DistEnv
 from vitdistill.models import ModelOutput, build_model, export_model
 from vitdistill.objective import Objective
 from vitdistill.objective.feature import adapt_grid, whiten

@@ -10,7 +10,7 @@ from vitdistill.config import ModelConfig
 from vitdistill.models import build_model, export_model
 from vitdistill.models.adapt import tiny_vit_windows
 from vitdistill.runner import build_trainer
-from vitdistill.engine.distributed import DistEnv
+from vitdistill.device import DistEnv
 
 from conftest import tiny_run
 

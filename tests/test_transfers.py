@@ -14,7 +14,7 @@ import torch
 from vitdistill import load_recipe
 from vitdistill.bench.transfers import HostDeviceCopies
 from vitdistill.data import train_batches
-from vitdistill.engine.distributed import DistEnv
+from vitdistill.device import DistEnv
 from vitdistill.labelmaps import write_label_maps
 from vitdistill.runner import build_trainer
 from vitdistill.store import write_store

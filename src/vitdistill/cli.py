@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .engine.metrics import format_table
+    from .formatting import format_table
     from .runner import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, _split_overrides(args.overrides), args.batch_size, args.device)

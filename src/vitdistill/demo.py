@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import load_recipe
-from .engine.metrics import format_duration, format_table
+from .formatting import format_duration, format_table
 from .runner import train
 
 STAGES = (  # (folder, recipe, description, distils from the stage-1 teacher)

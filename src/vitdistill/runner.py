@@ -14,11 +14,12 @@ from .config import AugmentConfig, DataConfig, RunConfig, dump_config, to_dict
 from .config.parsing import apply_override, parse_dataclass
 from .config.paths import absolute_paths_in, with_absolute_paths
 from .data import ImageSource, open_source, open_splits
-from .engine import Trainer, evaluate, setup_distributed
+from .device import DistEnv, setup_distributed
+from .engine import Trainer, evaluate
 from .engine.checkpoint import load_checkpoint
-from .engine.distributed import DistEnv
-from .engine.metrics import format_duration, format_summary
+from .engine.metrics import format_summary
 from .errors import ConfigError, UserError
+from .formatting import format_duration
 from .models import ModelSpec, VisionModel, build_model, load_model
 from .models.network import check_input_size, create_backbone
 from .objective import Objective

@@ -151,7 +151,7 @@ def compare_runs(runs: Sequence[str | Path]) -> list[dict]:
 
 
 def format_comparison(rows: Sequence[dict]) -> str:
-    from ..engine.metrics import format_duration, format_table
+    from ..formatting import format_duration, format_table
 
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 import traceback
@@ -256,30 +255,12 @@ STAGES = (
 
 
 # -------------------------------------------------------------------------- checks
-def describe_machine(device: str) -> dict:
-    import timm
-
-    from ..engine.distributed import resolve_device
-
-    dev = resolve_device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    return {
-        "device": name,
-        "device_type": dev.type,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "cpu_count": len(os.sched_getaffinity(0)),
-    }
-
-
 def count_synchronisations(bench: Bench, steps: int = 5) -> dict:
     """Synchronising calls in ``steps`` training steps of the distilled student (views, online
     teacher, update), after three warm-up steps; eager, so compilation does not count."""
     from ..config import load_recipe
     from ..data import train_batches
-    from ..engine.distributed import DistEnv, resolve_device
+    from ..device import DistEnv, resolve_device
     from ..runner import build_trainer
     from .transfers import HostDeviceCopies
 
@@ -316,6 +297,7 @@ def count_synchronisations(bench: Bench, steps: int = 5) -> dict:
 def run_bench_gpu(data: str | None, budget_s: float, output: str | Path = "runs/bench-gpu", json_path: str | Path | None = None, smoke: bool = False,
                   device: str = "auto", compile: str = "", seed: int = 0, stages: list[str] | None = None, throughput_compile: str = "both") -> dict:
     """Run the stages (see the module docstring) within ``budget_s`` seconds; returns the report."""
+    from ..device import describe_machine
     from ..errors import UserError
 
     output = Path(output)

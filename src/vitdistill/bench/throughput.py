@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 from ..config import ModelConfig, RunConfig, config_from_dict
 from ..data import train_batches
-from ..engine.distributed import DistEnv, resolve_device
+from ..device import DistEnv, describe_machine, resolve_device
 from ..models import build_model, export_model
 
 
@@ -340,14 +339,6 @@ def measure_store(regime: Regime, data_root: str, cache: Path, teacher_file: Pat
     cfg.teacher.store = store["path"]
     cfg.optim.epochs = epochs
     return measure_vitdistill(build_trainer(cfg, env, cache / "unused"), warmup, steps)
-
-
-def describe_machine(device: str) -> dict:
-    import timm
-
-    dev = resolve_device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    return {"device": name, "torch": torch.__version__, "timm": timm.__version__, "cpu_count": len(os.sched_getaffinity(0))}
 
 
 def run(regimes: list[str], data: dict[str, str | None], cache: Path, batch_size: int | None, workers: int, warmup: int, steps: int,

@@ -18,17 +18,18 @@ from torch.nn.parallel import DistributedDataParallel
 from ..augment import Augmenter, ViewBatch
 from ..config import RunConfig, to_dict
 from ..data import steps_per_epoch, train_batches
+from ..device import DistEnv, all_reduce_sum, autocast, barrier
+from ..formatting import format_duration
 from ..models import VisionModel, export_model
 from ..objective import Objective
 from ..progress import progress_bar
 from ..rng import derive_seed
 from ..targets import TeacherPrediction
 from .checkpoint import CHECKPOINT_FORMAT, save_atomic
-from .distributed import DistEnv, all_reduce_sum, autocast, barrier
 from .evaluate import evaluate
 from .budget import BudgetClock, BudgetPlan, parse_duration, plan_steps
 from .guard import FiniteGuard, check_finite_state
-from .metrics import MetricsLog, format_duration
+from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
 
 TeacherFn = Callable[[ViewBatch], TeacherPrediction]

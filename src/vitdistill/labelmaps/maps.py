@@ -26,7 +26,7 @@ import torch
 from ..config import RunConfig
 from ..config.paths import with_absolute_paths
 from ..data import ImageSource
-from ..engine.distributed import autocast, resolve_device
+from ..device import autocast, resolve_device
 from ..errors import UserError
 from ..progress import progress
 from ..targets import OnlineTeacher

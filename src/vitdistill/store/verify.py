@@ -10,7 +10,7 @@ import torch
 from ..augment import Augmenter
 from ..config import config_from_dict
 from ..data import epoch_order, open_source
-from ..engine.distributed import DistEnv, resolve_device
+from ..device import DistEnv, resolve_device
 from ..errors import UserError
 from ..targets import build_online_teacher
 from ..targets.offline import first_difference, teacher_identity

@@ -18,9 +18,9 @@ from ..augment import Augmenter
 from ..data import epoch_order
 from ..config import RunConfig, to_dict
 from ..config.paths import with_absolute_paths
-from ..engine.distributed import DistEnv, autocast, barrier, setup_distributed
-from ..engine.metrics import format_duration
+from ..device import DistEnv, autocast, barrier, setup_distributed
 from ..errors import UserError
+from ..formatting import format_duration
 from ..progress import progress_bar
 from ..targets import OnlineTeacher
 from ..targets.offline import file_sha256, first_difference, prepare_teacher_run, teacher_identity
