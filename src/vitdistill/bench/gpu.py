@@ -40,6 +40,8 @@ from typing import Callable
 
 import torch
 
+from ..atomic import write_text_atomic
+
 REPORT_FORMAT = "vitdistill-bench-gpu/1"
 TOLERANCE = 0.15  # a budgeted stage should end within 15% of its budget
 
@@ -79,9 +81,7 @@ class Bench:
         """The report, written atomically after every stage."""
         assert self.json_path is not None
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.json_path.with_name(self.json_path.name + ".tmp")
-        tmp.write_text(json.dumps(self.report, indent=2))
-        os.replace(tmp, self.json_path)
+        write_text_atomic(self.json_path, json.dumps(self.report, indent=2))
 
     def stage_result(self, name: str) -> dict | None:
         result = self.report.get("stages", {}).get(name)

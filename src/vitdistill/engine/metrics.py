@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 import torch
 
+from ..atomic import write_text_atomic
 from ..formatting import format_table
 
 
@@ -29,9 +29,7 @@ def write_csv_atomic(rows: list[dict], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buffer.getvalue())
 
 
 class MetricsLog:

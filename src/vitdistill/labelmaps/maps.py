@@ -16,13 +16,13 @@ teacher store: teacher, dataset, grid, k pinned, file checksum).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_path, write_text_atomic
 from ..config import RunConfig
 from ..config.paths import with_absolute_paths
 from ..data import ImageSource
@@ -98,9 +98,8 @@ def write_label_maps(cfg: RunConfig) -> Path:
     grid = list(probe.shape[-2:])
     dtype = map_dtype(k, grid[0], grid[1], source.num_classes)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (RECORDS + ".tmp")
     (folder / MANIFEST).unlink(missing_ok=True)  # old maps, if any, are no longer described
-    try:
+    with atomic_path(folder / RECORDS) as tmp:
         records = np.memmap(tmp, dtype=dtype, mode="w+", shape=(len(source),))
         batch = cfg.labelmaps.batch_size or cfg.optim.batch_size
         starts = range(0, len(source), batch)
@@ -111,9 +110,6 @@ def write_label_maps(cfg: RunConfig) -> Path:
             records["scores"][first : first + len(index)] = scores.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
         records.flush()
         del records
-        os.replace(tmp, folder / RECORDS)
-    finally:
-        tmp.unlink(missing_ok=True)
     manifest = LabelMapManifest(
         k=k,
         grid=grid,
@@ -125,8 +121,7 @@ def write_label_maps(cfg: RunConfig) -> Path:
         precision=precision,
         sha256=file_sha256(folder / RECORDS),
     )
-    (folder / (MANIFEST + ".tmp")).write_text(json.dumps(asdict(manifest), indent=1, sort_keys=True))
-    os.replace(folder / (MANIFEST + ".tmp"), folder / MANIFEST)
+    write_text_atomic(folder / MANIFEST, json.dumps(asdict(manifest), indent=1, sort_keys=True))
     size = (folder / RECORDS).stat().st_size
     print(f"vitdistill: label maps {folder}: {len(source):,} images, {grid[0]}x{grid[1]} locations, top-{k}; "
           f"{dtype.itemsize:,} bytes per image, {size / 2**20:,.1f} MiB")
