@@ -37,7 +37,7 @@ def _write_json(path: str | None, data: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .config import load_recipe
+    from .validate import load_recipe
     from .runner import train
 
     overrides = _split_overrides(args.overrides) + ([f"optim.budget={args.budget}"] if args.budget else [])
@@ -65,14 +65,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
-    from .config import load_recipe
+    from .validate import load_recipe
     from .store import write_store
 
     write_store(load_recipe(args.recipe, _split_overrides(args.overrides)))
 
 
 def cmd_labelmaps(args: argparse.Namespace) -> None:
-    from .config import load_recipe
+    from .validate import load_recipe
     from .labelmaps import write_label_maps
 
     write_label_maps(load_recipe(args.recipe, _split_overrides(args.overrides)))
@@ -186,7 +186,8 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from .config import dump_config, load_recipe
+    from .config import dump_config
+    from .validate import load_recipe
 
     print(dump_config(load_recipe(args.recipe, _split_overrides(args.overrides))), end="")
 

@@ -18,7 +18,6 @@ on them. Two regimes: DeiT-Ti/4 at 32x32 with a CIFAR ResNet-18 teacher, and Dei
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelConfig, RunConfig, config_from_dict
+from ..config import ModelConfig, RunConfig
 from ..data import train_batches
 from ..device import DistEnv, describe_machine, resolve_device
 from ..models import build_model, export_model
@@ -97,6 +96,8 @@ def synthetic_imagefolder(root: Path, count: int, classes: int = 10, sizes=(320,
 def make_config(regime: Regime, data_root: str, cache: str, teacher_file: Path | None, batch_size: int, compile_model: str, device: str,
                 store: dict | None = None) -> RunConfig:
     """The benchmark's run; ``compile_model`` is "model", "augment", "both" or ""."""
+    from ..validate import config_from_dict  # late, as the runner below: it imports the objective and the engine
+
     objective = [{"term": "ce", "weight": 0.5, "head": "cls", "smoothing": 0.1}]
     if teacher_file is not None:
         objective.append({"term": "kd_hard", "weight": 0.5})  # the distillation head when there is one

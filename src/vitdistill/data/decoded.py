@@ -128,7 +128,8 @@ def decode_files(paths: Sequence[str | bytes], shape: RecordShape | int | None, 
             for i, (img, true_size, error) in enumerate(progress(decoded(), total=len(paths), desc=desc)):
                 if error is not None:
                     if on_corrupt == "error":
-                        raise UserError(f"data: cannot decode {names[i]} ({error}); replace or delete it, or set data.on_corrupt=skip to leave it out")
+                        raise UserError(f"data: cannot decode {names[i]} ({error}); "
+                                        "replace or delete it, or set data.on_corrupt=skip to leave it out")
                     bad.append(i)
                     continue
                 if array is None:

@@ -7,11 +7,9 @@ from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_grou
 from timm.scheduler import CosineLRScheduler
 
 from ..config import OptimConfig
-from ..config.schema import register_recipe_check
 from ..errors import ConfigError, UserError
 
 
-@register_recipe_check
 def check_optimizer(cfg) -> None:
     """``optim.opt`` is an optimizer timm can build (``lookahead_`` prefixes allowed)."""
     try:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..augment import Augmenter
-from ..config import config_from_dict
+from ..config import parse_config
 from ..data import epoch_order, open_source
 from ..device import DistEnv, resolve_device
 from ..errors import UserError
@@ -42,7 +42,7 @@ def verify_store(
     overrides = [f"engine.device={device}"]
     if teacher is not None:
         overrides += [f"teacher.checkpoint={teacher}", "teacher.name=null", "teacher.weights=null"]
-    cfg = config_from_dict(manifest.recipe, overrides)
+    cfg = parse_config(manifest.recipe, overrides)  # validated in full when the store was written
     bad_files = [manifest.epochs[str(e)]["file"] for e in damaged_epochs(folder, manifest)]
     source = open_source(cfg.data, cfg.data.train_split, cfg.data.train_limit)
     diff = first_difference(manifest.dataset, source.fingerprint(), "dataset.")
