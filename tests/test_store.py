@@ -142,7 +142,7 @@ def test_interrupted_cache_resumes_to_the_same_store(store, tiny_teacher, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         write_store(cfg)
     assert Manifest.read(tmp_path / "store").complete_epochs() == [0]
-    assert (tmp_path / "store" / "epoch_0001.bin.tmp").is_file()  # the partial epoch is not listed
+    assert not list((tmp_path / "store").glob("epoch_0001.bin*"))  # the partial epoch is neither listed nor left behind
     monkeypatch.setattr(writer_module, "teacher_probs", original)
     write_store(cfg)
     for name in ("epoch_0000.bin", "epoch_0001.bin"):

@@ -37,8 +37,8 @@ def _write_json(path: str | None, data: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .validate import load_recipe
     from .runner import train
+    from .validate import load_recipe
 
     overrides = _split_overrides(args.overrides) + ([f"optim.budget={args.budget}"] if args.budget else [])
     cfg = load_recipe(args.recipe, overrides)
@@ -65,15 +65,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
-    from .validate import load_recipe
     from .store import write_store
+    from .validate import load_recipe
 
     write_store(load_recipe(args.recipe, _split_overrides(args.overrides)))
 
 
 def cmd_labelmaps(args: argparse.Namespace) -> None:
-    from .validate import load_recipe
     from .labelmaps import write_label_maps
+    from .validate import load_recipe
 
     write_label_maps(load_recipe(args.recipe, _split_overrides(args.overrides)))
 

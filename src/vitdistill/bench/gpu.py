@@ -121,8 +121,8 @@ def student_recipe(bench: Bench, distilled: bool) -> tuple[str, list[str]]:
 # -------------------------------------------------------------------------- stages
 def run_training(bench: Bench, name: str, recipe: str, overrides: list[str], budget_s: float) -> dict:
     """Train ``recipe`` under a time budget; the stage's figures from the run's summary."""
-    from ..validate import load_recipe
     from ..runner import train
+    from ..validate import load_recipe
 
     out = bench.output / name
     shutil.rmtree(out, ignore_errors=True)  # an interrupted stage starts again
@@ -188,8 +188,8 @@ def stage_baseline(bench: Bench, budget_s: float) -> dict:
 
 def stage_store(bench: Bench, budget_s: float) -> dict:
     """A short run: cache the teacher's top-10 for a few epochs of views, train a student from it."""
-    from ..validate import load_recipe
     from ..store import write_store
+    from ..validate import load_recipe
 
     began = time.perf_counter()
     recipe, overrides = student_recipe(bench, distilled=True)
@@ -207,8 +207,8 @@ def stage_store(bench: Bench, budget_s: float) -> dict:
 
 def stage_token_label(bench: Bench, budget_s: float) -> dict:
     """A short run: the teacher's label maps, then DeiT-Ti/4 with token labeling and MixToken."""
-    from ..validate import load_recipe
     from ..labelmaps import write_label_maps
+    from ..validate import load_recipe
 
     began = time.perf_counter()
     maps = bench.output / "labelmaps"
@@ -258,10 +258,10 @@ STAGES = (
 def count_synchronisations(bench: Bench, steps: int = 5) -> dict:
     """Synchronising calls in ``steps`` training steps of the distilled student (views, online
     teacher, update), after three warm-up steps; eager, so compilation does not count."""
-    from ..validate import load_recipe
     from ..data import train_batches
     from ..device import DistEnv, resolve_device
     from ..runner import build_trainer
+    from ..validate import load_recipe
     from .transfers import HostDeviceCopies
 
     recipe, overrides = student_recipe(bench, distilled=True)

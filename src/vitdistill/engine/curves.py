@@ -42,7 +42,11 @@ def run_series(history: Sequence[Mapping[str, float]]) -> dict[str, dict[str, tu
     return series
 
 
-PANEL_LABELS = {"loss": ("loss", "training losses (per term)"), "lr": ("learning rate", "learning rate"), "top1": ("top-1 (%)", "evaluation top-1")}
+PANEL_LABELS = {
+    "loss": ("loss", "training losses (per term)"),
+    "lr": ("learning rate", "learning rate"),
+    "top1": ("top-1 (%)", "evaluation top-1"),
+}
 
 
 def plot_run_curves(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "") -> Path | None:
@@ -55,7 +59,8 @@ def plot_run_curves(history: Sequence[Mapping[str, float]], path: str | Path, ti
     for ax, (panel, curves) in zip(axes[0], series.items()):
         ylabel, panel_title = PANEL_LABELS[panel]
         for name, (epochs, values) in curves.items():
-            ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, markersize=3, label=name, linestyle="--" if name.startswith("ema_") else "-")
+            dashed = name.startswith("ema_")
+            ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, markersize=3, label=name, linestyle="--" if dashed else "-")
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(panel_title)
