@@ -17,7 +17,7 @@ from vitdistill.augment import Augmenter
 from vitdistill.bench.throughput import FULL_AUGMENT
 from vitdistill.config import AugmentConfig
 from vitdistill.data import ImageSource
-from vitdistill.engine.distributed import resolve_device
+from vitdistill.device import resolve_device
 
 VIEW_OPS = {"aten::view", "aten::slice", "aten::select", "aten::reshape", "aten::unsqueeze", "aten::expand", "aten::permute",
             "aten::transpose", "aten::flatten", "aten::unbind", "aten::squeeze", "aten::t", "aten::alias", "aten::as_strided",

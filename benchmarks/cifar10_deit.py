@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vitdistill.bench.seeds import train_once
-from vitdistill.engine.metrics import format_table
+from vitdistill.formatting import format_table
 
 STAGES = {
     "teacher": "cnn_teacher_cifar10",

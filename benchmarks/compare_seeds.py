@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 from vitdistill.bench import seeds
-from vitdistill.engine.metrics import format_table
+from vitdistill.formatting import format_table
 
 
 def mean_std(values: list[float]) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vitdistill.bench.seeds import mean_std
 from vitdistill.demo import run_demo
-from vitdistill.engine.metrics import format_table
+from vitdistill.formatting import format_table
 
 
 def main() -> None:

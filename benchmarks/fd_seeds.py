@@ -27,7 +27,7 @@ from pathlib import Path
 from vitdistill import load_recipe
 from vitdistill.analysis import analyze
 from vitdistill.bench.seeds import mean_std, train_once
-from vitdistill.engine.metrics import format_table
+from vitdistill.formatting import format_table
 
 
 def run(folder: Path, recipe: str, overrides: list[str]) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vitdistill import load_recipe
 from vitdistill.bench.seeds import mean_std, train_once
-from vitdistill.engine.metrics import format_table
+from vitdistill.formatting import format_table
 from vitdistill.store import Manifest, write_store
 
 

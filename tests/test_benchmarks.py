@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import py_compile
 
-from vitdistill.cli import main
-
 from conftest import ROOT
+
+from vitdistill.cli import main
 
 
 def test_benchmark_scripts_compile():

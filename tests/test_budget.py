@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import interrupted_at_epoch, tiny_run
 
 from vitdistill import ConfigError, load_recipe, train
 from vitdistill.cli import main
@@ -13,8 +14,6 @@ from vitdistill.config import OptimConfig
 from vitdistill.config.parsing import parse_duration
 from vitdistill.engine.budget import evaluations_after, plan_steps
 from vitdistill.engine.optim import build_scheduler
-
-from conftest import interrupted_at_epoch, tiny_run
 
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("8m", 480), ("1.5m", 90), ("1h30m", 5400), (45, 45)])

@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import yaml
+from conftest import CACHE, TINY_DEIT, tiny_run
 
 from vitdistill.cli import main
 from vitdistill.demo import run_demo
-
-from conftest import CACHE, TINY_DEIT, tiny_run
 
 
 def test_train_then_eval_with_json(tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 
 from vitdistill import ConfigError, UserError, list_recipes, load_recipe
 from vitdistill.cli import main
-from vitdistill.config import config_from_dict
+from vitdistill.validate import config_from_dict
 
 
 def test_packaged_recipes_all_validate():

@@ -10,6 +10,7 @@ from conftest import tiny_run
 from vitdistill import load_recipe, train
 from vitdistill.analysis import curves
 from vitdistill.cli import main
+from vitdistill.engine import curves as run_curves
 from vitdistill.models import load_model
 
 
@@ -44,7 +45,7 @@ def test_a_failing_plot_does_not_fail_the_run(tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(curves, "plot_run_curves", broken)
+    monkeypatch.setattr(run_curves, "plot_run_curves", broken)
     result = _run(tmp_path / "run", "optim.epochs=1")
     assert (result.output / "model.safetensors").is_file() and not (result.output / "curves.png").exists()
     assert "could not draw" in capsys.readouterr().out

@@ -3,19 +3,16 @@ gives the same views as device-resident data, for any number of gathering thread
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from test_augment import synthetic_source
 
 from vitdistill.augment import Augmenter
 from vitdistill.augment.photometric import color_jitter, erase_boxes, random_erase
 from vitdistill.config import AugmentConfig, DataConfig
-from vitdistill.data import open_source, train_batches
-from vitdistill.data import imagefolder
+from vitdistill.data import decoded, open_source, train_batches
 from vitdistill.rng import CounterRNG
-
-from test_augment import synthetic_source
 
 
 def test_color_jitter_matches_torchvision_with_the_same_factors():
@@ -90,7 +87,7 @@ def test_large_decoded_arrays_are_memory_mapped(monkeypatch, tmp_path):
             Image.new("RGB", (6, 5), (40 * i, 100, 7)).save(tmp_path / "data" / "train" / label / f"{i}.png")
     cfg = DataConfig(source="imagefolder", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
     in_ram = open_source(cfg, "train")
-    monkeypatch.setattr(imagefolder, "ram_budget", lambda: 0)
+    monkeypatch.setattr(decoded, "ram_budget", lambda: 0)
     mapped = open_source(cfg, "train")
     assert not in_ram.memory_mapped and mapped.memory_mapped
     assert torch.equal(in_ram.images, mapped.images) and in_ram.images.shape == (6, 5, 6, 3)

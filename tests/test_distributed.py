@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import torch
+from conftest import TINY_DEIT, tiny_run
 from safetensors.torch import load_file
 
 from vitdistill import load_recipe, train
-
-from conftest import TINY_DEIT, tiny_run
 
 
 def test_two_processes_match_one(tmp_path, tiny_teacher):

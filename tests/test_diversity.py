@@ -8,16 +8,15 @@ import math
 import pytest
 import torch
 from conftest import TINY_DEIT, tiny_run
+from test_objective import batch_of
 from torch import nn
 
 from vitdistill import UserError, load_recipe, train
 from vitdistill.augment import ViewBatch
+from vitdistill.augment.mixing import token_own_share
 from vitdistill.models import ModelOutput
 from vitdistill.objective import Objective
-from vitdistill.augment.mixing import token_own_share
 from vitdistill.objective.diversity import patch_targets
-
-from test_objective import batch_of
 
 
 def patch_own_share(batch, n):

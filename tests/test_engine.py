@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_DEIT, interrupted_at_epoch, tiny_run
 from safetensors.torch import load_file
 
 from vitdistill import UserError, evaluate_checkpoint, load_recipe, train
@@ -15,8 +16,6 @@ from vitdistill.config import DataConfig
 from vitdistill.data import open_source
 from vitdistill.engine import trainer as trainer_module
 from vitdistill.models import load_model
-
-from conftest import TINY_DEIT, interrupted_at_epoch, tiny_run
 
 
 def weights(path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DEIT, tiny_run
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -24,8 +25,6 @@ from vitdistill.data import open_source
 from vitdistill.engine.guard import TrainingDiverged
 from vitdistill.objective import classification
 from vitdistill.store import Manifest, write_store
-
-from conftest import TINY_DEIT, tiny_run
 
 CONVNET = "model.name=vitdistill_convnet_tiny"
 

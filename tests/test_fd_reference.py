@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_objective import batch_of
 from torch import nn
 
 from vitdistill import UserError
@@ -27,8 +28,6 @@ from vitdistill.engine.optim import build_optimizer, build_scheduler
 from vitdistill.models import ModelOutput, build_model
 from vitdistill.objective import Objective
 from vitdistill.targets import OnlineTeacher, TeacherPrediction, TeacherSource
-
-from test_objective import batch_of
 
 SIZE = 8  # 8x8 views, 2x2 patches: a 4x4 token grid
 

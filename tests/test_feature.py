@@ -10,22 +10,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import interrupted_at_epoch, tiny_run
 from safetensors.torch import load_file
+from test_objective import batch_of
 
 from vitdistill import UserError, load_recipe, train
 from vitdistill.cli import main
 from vitdistill.config import DataConfig, ModelConfig, TeacherConfig
 from vitdistill.data import open_source
+from vitdistill.device import DistEnv
 from vitdistill.engine import trainer as trainer_module
-from vitdistill.engine.distributed import DistEnv
 from vitdistill.models import ModelOutput, build_model, export_model
 from vitdistill.objective import Objective
 from vitdistill.objective.feature import adapt_grid, whiten
 from vitdistill.runner import build_trainer
 from vitdistill.targets import OnlineTeacher, StoreTargets, TeacherPrediction, TeacherSource, build_online_teacher
-
-from conftest import interrupted_at_epoch, tiny_run
-from test_objective import batch_of
 
 BEIT = "model.name=beit_base_patch16_224"
 SHARED = "{embed_dim: 32, depth: 2, num_heads: 2, use_abs_pos_emb: false, use_rel_pos_bias: false, use_shared_rel_pos_bias: true}"

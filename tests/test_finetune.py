@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import torch
+from conftest import tiny_run
 from safetensors.torch import load_file
 
 from vitdistill import load_recipe, train
 from vitdistill.config import ModelConfig
+from vitdistill.device import DistEnv
 from vitdistill.models import build_model, export_model
 from vitdistill.models.adapt import tiny_vit_windows
 from vitdistill.runner import build_trainer
-from vitdistill.engine.distributed import DistEnv
-
-from conftest import tiny_run
 
 TINY_VIT = ["model.name=tiny_vit_5m_224", "model.img_size=8", "model.patch_size=null", "model.kwargs={}"]
 

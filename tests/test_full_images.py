@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import TINY_DEIT, tiny_run
 from PIL import Image
 
 from vitdistill import load_recipe, train
@@ -18,8 +19,6 @@ from vitdistill.data import epoch_order, open_source, train_batches
 from vitdistill.rng import CounterRNG
 from vitdistill.store import write_store
 from vitdistill.targets.labelmaps import pool_tokens, warp_token_targets
-
-from conftest import TINY_DEIT, tiny_run
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

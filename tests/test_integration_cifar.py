@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import CACHE
 from PIL import Image
 
 from vitdistill import load_recipe, train
 from vitdistill.config import DataConfig
 from vitdistill.data import open_source
 from vitdistill.data.imagefolder import resolve_split_dir, unpack_archive
-
-from conftest import CACHE
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

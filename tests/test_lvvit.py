@@ -3,7 +3,6 @@ interface, our wrapper, analysis capture and a tiny training run."""
 
 from __future__ import annotations
 
-
 import pytest
 import timm
 import torch

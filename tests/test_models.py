@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitdistill.config import ModelConfig, TeacherConfig
+from vitdistill.config import DataConfig, ModelConfig, TeacherConfig
 from vitdistill.data import open_source
-from vitdistill.config import DataConfig
 from vitdistill.errors import UserError
 from vitdistill.models import build_model, export_model, load_model
 from vitdistill.targets import OnlineTeacher, build_online_teacher

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vitdistill import list_recipes, load_recipe, train
-from vitdistill.errors import RecipeWarning
 from vitdistill.cli import main
+from vitdistill.errors import RecipeWarning
 from vitdistill.labelmaps import write_label_maps
 from vitdistill.models import build_model, load_model
 from vitdistill.store import write_store

@@ -9,6 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_run
+from test_diversity import contrast_by_loop  # ours: L2-normalised tokens, mean of the other N - 1 patches as the negative
+from test_objective import batch_of
 
 from vitdistill import ConfigError, load_recipe, train
 from vitdistill.augment import Augmenter
@@ -19,10 +22,6 @@ from vitdistill.models import ModelOutput, load_model
 from vitdistill.objective import Objective
 from vitdistill.objective.token_label import sample_token_mix
 from vitdistill.rng import CounterRNG
-
-from conftest import tiny_run
-from test_diversity import contrast_by_loop  # ours: L2-normalised tokens, mean of the other N - 1 patches as the negative
-from test_objective import batch_of
 
 C = 3
 
@@ -292,8 +291,8 @@ def test_mixtoken_sample_boxes_are_the_reference_box_per_sample():
 
 
 def test_token_label_term_passes_the_box_mode_to_the_model():
-    from vitdistill.models import build_model
     from vitdistill.config import ModelConfig
+    from vitdistill.models import build_model
 
     model = build_model(ModelConfig(name="deit_tiny_patch16_224", img_size=8, patch_size=2, kwargs={"embed_dim": 16, "depth": 1, "num_heads": 2}, token_head=True), C)
     for box, shared in (("batch", True), ("sample", False)):

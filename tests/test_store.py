@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DEIT, tiny_run
 from safetensors.torch import load_file
 
 from vitdistill import UserError, load_recipe, train
@@ -16,11 +17,9 @@ from vitdistill.cli import main
 from vitdistill.data import open_source
 from vitdistill.store import Manifest, verify_store, write_store
 from vitdistill.store import writer as writer_module
-from vitdistill.store.format import dense_from_topk, record_dtype
 from vitdistill.targets import build_online_teacher
 from vitdistill.targets.store import StoreTargets
-
-from conftest import TINY_DEIT, tiny_run
+from vitdistill.targets.store_format import dense_from_topk, record_dtype
 
 # Views with every kind of randomness: crops, flips, RandAugment, erasing, mixup and cutmix.
 VIEWS = ["augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", "augment.rand_augment=rand-m9-mstd0.5-inc1", "augment.erase_prob=0.25"]
@@ -143,7 +142,7 @@ def test_interrupted_cache_resumes_to_the_same_store(store, tiny_teacher, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         write_store(cfg)
     assert Manifest.read(tmp_path / "store").complete_epochs() == [0]
-    assert (tmp_path / "store" / "epoch_0001.bin.tmp").is_file()  # the partial epoch is not listed
+    assert not list((tmp_path / "store").glob("epoch_0001.bin*"))  # the partial epoch is neither listed nor left behind
     monkeypatch.setattr(writer_module, "teacher_probs", original)
     write_store(cfg)
     for name in ("epoch_0000.bin", "epoch_0001.bin"):

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_DEIT, tiny_run
 
 from vitdistill import ConfigError, UserError, load_recipe, train
 from vitdistill.config import RunConfig, TeacherConfig
 from vitdistill.config.paths import with_absolute_paths
 from vitdistill.data import ImageSource, train_batches
-from vitdistill.engine.distributed import DistEnv
+from vitdistill.device import DistEnv
 from vitdistill.runner import build_targets, build_trainer
 from vitdistill.targets import (
     SOURCES,
@@ -28,8 +29,6 @@ from vitdistill.targets import (
     register_source,
     source_class,
 )
-
-from conftest import TINY_DEIT, tiny_run
 
 CPU = DistEnv(0, 1, torch.device("cpu"))
 STUDENT = [*TINY_DEIT, "model.name=deit_tiny_patch16_224", "teacher.checkpoint=null"]  # no distillation head
@@ -132,7 +131,7 @@ def test_built_in_kinds_are_chosen_by_their_keys_and_own_their_rules(tmp_path):
     recipe = ["demo_student_distilled", "teacher.checkpoint=null"]
     cases = {
         "teacher.checkpoint=a": "teacher: give checkpoint .* or name .*, not both",  # with the recipe's name below
-        "teacher.store=s": "teacher: give store or label_maps, not both",
+        "teacher.store=s": "teacher: give label_maps or store, not both",
         "teacher.kind=test_constant": "teacher: give label_maps or kind test_constant, not both",
         "teacher.kind=store": r"teacher\.store: kind store reads the store folder",
     }

@@ -18,9 +18,9 @@ import math
 import pytest
 import timm
 import torch
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 from timm.models import get_notrace_functions, get_notrace_modules
 from timm.models._input import get_model_input_config
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from vitdistill.config import ModelConfig
 from vitdistill.export import export_run

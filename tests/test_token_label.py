@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DEIT, tiny_run
+from test_objective import batch_of
 
 from vitdistill import ConfigError, UserError, load_recipe, train
 from vitdistill.augment import Augmenter
@@ -22,9 +24,6 @@ from vitdistill.objective.token_label import sample_token_mix
 from vitdistill.rng import CounterRNG
 from vitdistill.targets import TeacherPrediction, build_online_teacher
 from vitdistill.targets.labelmaps import pool_tokens, to_distribution
-
-from conftest import TINY_DEIT, tiny_run
-from test_objective import batch_of
 
 A, B, C = 0, 1, 3  # two classes in the map, three in all
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_DEIT, tiny_run
 
 from vitdistill import load_recipe
 from vitdistill.bench.transfers import HostDeviceCopies
 from vitdistill.data import train_batches
-from vitdistill.engine.distributed import DistEnv
+from vitdistill.device import DistEnv
 from vitdistill.labelmaps import write_label_maps
 from vitdistill.runner import build_trainer
 from vitdistill.store import write_store
-
-from conftest import TINY_DEIT, tiny_run
 
 META = torch.device("meta")
 VIEWS = ["augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", "augment.rand_augment=rand-m9-mstd0.5-inc1", "augment.erase_prob=0.25"]

@@ -8,9 +8,10 @@ Python API::
     print(evaluate_checkpoint(result.output))
 """
 
-from .config import RunConfig, list_recipes, load_recipe
+from .config import RunConfig, list_recipes
 from .errors import ConfigError, UserError
 from .runner import RunResult, evaluate_checkpoint, train
+from .validate import load_recipe
 
 __version__ = "0.1.0"
 

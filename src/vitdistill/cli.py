@@ -37,8 +37,8 @@ def _write_json(path: str | None, data: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .config import load_recipe
     from .runner import train
+    from .validate import load_recipe
 
     overrides = _split_overrides(args.overrides) + ([f"optim.budget={args.budget}"] if args.budget else [])
     cfg = load_recipe(args.recipe, overrides)
@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .engine.metrics import format_table
+    from .formatting import format_table
     from .runner import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, _split_overrides(args.overrides), args.batch_size, args.device)
@@ -65,15 +65,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
-    from .config import load_recipe
     from .store import write_store
+    from .validate import load_recipe
 
     write_store(load_recipe(args.recipe, _split_overrides(args.overrides)))
 
 
 def cmd_labelmaps(args: argparse.Namespace) -> None:
-    from .config import load_recipe
     from .labelmaps import write_label_maps
+    from .validate import load_recipe
 
     write_label_maps(load_recipe(args.recipe, _split_overrides(args.overrides)))
 
@@ -186,7 +186,8 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from .config import dump_config, load_recipe
+    from .config import dump_config
+    from .validate import load_recipe
 
     print(dump_config(load_recipe(args.recipe, _split_overrides(args.overrides))), end="")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .config import load_recipe
-from .engine.metrics import format_duration, format_table
+from .formatting import format_duration, format_table
 from .runner import train
+from .validate import load_recipe
 
 STAGES = (  # (folder, recipe, description, distils from the stage-1 teacher)
     ("teacher", "demo_teacher", "CNN teacher", False),

@@ -10,19 +10,22 @@ from pathlib import Path
 import torch
 
 from .augment import Augmenter
-from .config import AugmentConfig, DataConfig, RunConfig, dump_config, to_dict
-from .config.parsing import apply_override, parse_dataclass
+from .config import AugmentConfig, RunConfig, dump_config, to_dict
+from .config.parsing import parse_dataclass
 from .config.paths import absolute_paths_in, with_absolute_paths
 from .data import ImageSource, open_source, open_splits
-from .engine import Trainer, evaluate, setup_distributed
+from .device import DistEnv, setup_distributed
+from .engine import Trainer, evaluate
 from .engine.checkpoint import load_checkpoint
-from .engine.distributed import DistEnv
-from .engine.metrics import format_duration, format_summary
+from .engine.curves import write_run_curves
+from .engine.metrics import format_summary
 from .errors import ConfigError, UserError
-from .models import ModelSpec, VisionModel, build_model, load_model
-from .models.network import check_input_size, create_backbone
+from .formatting import format_duration
+from .models import VisionModel, build_model
+from .models.network import check_input_size
 from .objective import Objective
 from .rng import derive_seed
+from .run_folder import data_config_for, load_trained
 from .targets import Request, TeacherSource, source_class
 
 # Keys that may change when a run is resumed (everything else must match the checkpoint).
@@ -133,8 +136,6 @@ def train(cfg: RunConfig, resume: bool = False) -> RunResult:
     wall = time.perf_counter() - start
     if env.is_main:
         write_summary(cfg, output, history, wall, skipped_files(source, trainer.eval_views.source), budget_report(trainer, wall))
-        from .analysis.curves import write_run_curves  # (the analysis package imports the runner)
-
         write_run_curves(output, history, cfg.name)  # curves.png
     parameters = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunResult(output=output, history=history, wall_time_s=wall, parameters=parameters)
@@ -173,41 +174,6 @@ def write_summary(cfg: RunConfig, output: Path, history: list[dict], wall: float
 
 
 # ---------------------------------------------------------------------------- evaluation
-def load_trained(path: str | Path) -> tuple[VisionModel, dict | None]:
-    """A trained model from an export (``.safetensors``), a run folder or a ``checkpoint.pt``,
-    and the recipe it was trained with when known."""
-    path = Path(path)
-    if path.suffix == ".pt" and path.is_file():
-        state = load_checkpoint(path)
-        spec = ModelSpec.from_json(state["spec"])
-        model = VisionModel(create_backbone(spec), spec)
-        model.load_state_dict(state["model"])
-        return model.eval(), state["config"]
-    model = load_model(path)
-    folder = path if path.is_dir() else path.parent
-    recipe = folder / "config.yaml"
-    if recipe.is_file():
-        import yaml
-
-        return model, yaml.safe_load(recipe.read_text())
-    return model, None
-
-
-def data_config_for(recipe: dict | None, data: str | None, overrides: list[str]) -> DataConfig:
-    """The run's data section, replaced by ``--data`` (a source name or a folder/archive)."""
-    raw = dict((recipe or {}).get("data") or {})
-    if data in ("digits", "cifar10", "cifar100"):
-        raw = {"source": data}
-    elif data is not None:
-        raw = {"source": "imagefolder", "root": data}
-    tree = {"data": raw}
-    for item in overrides:
-        apply_override(tree, item if item.startswith("data.") else f"data.{item}")
-    if not tree["data"]:
-        raise UserError("eval: no data: pass --data (digits, cifar10, cifar100, or an ImageFolder folder/archive)")
-    return parse_dataclass(DataConfig, tree["data"], "data")
-
-
 def evaluate_checkpoint(
     path: str | Path,
     data: str | None = None,

@@ -1,25 +1,19 @@
-"""A run's training curves and a side-by-side of several runs, from their ``metrics.csv``.
-
-``run_series(history)`` is what a figure draws: per panel, per column, the ``(epochs, values)``
-of ``metrics.csv`` (rows where a column is empty, e.g. epochs without evaluation, are left out).
-``plot_run_curves`` draws one run (``curves.png`` in the run folder, written at the end of
-training); ``compare_runs`` / ``plot_comparison`` put several runs in one table and on shared
-axes (``vitdistill compare``). matplotlib is imported lazily (Agg) by :mod:`.plots`.
+"""Several runs side by side, from their ``metrics.csv`` (``vitdistill compare``): ``compare_runs`` /
+``format_comparison`` in one table, ``plot_comparison`` on shared axes. One run's curves
+(``curves.png``, and ``run_series``: what a figure draws) are :mod:`vitdistill.engine.curves`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..engine.curves import PANEL_LABELS, run_series
 from ..errors import UserError
-from .plots import _integer_x, _pyplot, _save
-
-NOT_LOSSES = ("train_time_s", "train_img_per_s")
-TOP1 = re.compile(r"^(eval|ema)_top1(_\w+)?$")
+from ..figures import integer_x, pyplot, save
+from ..formatting import format_duration, format_table
 
 
 def read_metrics(run: str | Path) -> list[dict[str, float]]:
@@ -32,67 +26,6 @@ def read_metrics(run: str | Path) -> list[dict[str, float]]:
     if not rows:
         raise UserError(f"{path} has no rows yet")
     return rows
-
-
-def run_series(history: Sequence[Mapping[str, float]]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-    """Per panel (``loss``, ``lr``, ``top1``), per column: epochs and values.
-
-    ``loss``: the total training loss and each objective term (``train_<term>``) and the
-    evaluation loss; ``lr``: the learning rate at the end of the epoch; ``top1``: evaluation top-1
-    of the inference head, of each head, and of the EMA weights."""
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    panels: dict[str, list[str]] = {
-        "loss": [c for c in columns if (c.startswith("train_") and c not in NOT_LOSSES) or c == "eval_loss" or c == "ema_loss"],
-        "lr": [c for c in columns if c == "lr"],
-        "top1": [c for c in columns if TOP1.match(c)],
-    }
-    series: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    for panel, names in panels.items():
-        for name in names:
-            points = [(int(row["epoch"]), float(row[name])) for row in history if isinstance(row.get(name), (int, float))]
-            if points:
-                epochs, values = zip(*points)
-                series.setdefault(panel, {})[name] = (list(epochs), list(values))
-    return series
-
-
-PANEL_LABELS = {"loss": ("loss", "training losses (per term)"), "lr": ("learning rate", "learning rate"), "top1": ("top-1 (%)", "evaluation top-1")}
-
-
-def plot_run_curves(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "") -> Path | None:
-    """One figure, one panel per kind of curve (see :func:`run_series`); None without rows."""
-    series = run_series(history)
-    if not series:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(series), figsize=(4.6 * len(series), 3.6), squeeze=False)
-    for ax, (panel, curves) in zip(axes[0], series.items()):
-        ylabel, panel_title = PANEL_LABELS[panel]
-        for name, (epochs, values) in curves.items():
-            ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, markersize=3, label=name, linestyle="--" if name.startswith("ema_") else "-")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.set_title(panel_title)
-        if panel == "lr":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-        _integer_x(ax)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, Path(path))
-
-
-def write_run_curves(output: Path, history: Sequence[Mapping[str, float]], title: str = "") -> Path | None:
-    """``curves.png`` at the end of training; a plotting failure is reported, never raised (the
-    run's weights and metrics are already written)."""
-    try:
-        return plot_run_curves(history, Path(output) / "curves.png", title)
-    except Exception as err:  # noqa: BLE001 - a figure must not fail a finished run
-        print(f"vitdistill: warning: could not draw {Path(output) / 'curves.png'}: {err}")
-        return None
 
 
 # ---------------------------------------------------------------------------- several runs
@@ -151,8 +84,6 @@ def compare_runs(runs: Sequence[str | Path]) -> list[dict]:
 
 
 def format_comparison(rows: Sequence[dict]) -> str:
-    from ..engine.metrics import format_duration, format_table
-
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
 
@@ -176,7 +107,7 @@ def format_comparison(rows: Sequence[dict]) -> str:
 
 def plot_comparison(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path) -> Path:
     """The runs on shared axes: training loss, evaluation top-1 (EMA dashed) and lr per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [("loss", ["train_loss"]), ("top1", ["eval_top1", "ema_top1"]), ("lr", ["lr"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -193,8 +124,8 @@ def plot_comparison(histories: Mapping[str, Sequence[Mapping[str, float]]], path
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title({"loss": "training loss"}.get(panel, title))
-        _integer_x(ax)
+        integer_x(ax)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
-    return _save(fig, Path(path))
+    return save(fig, Path(path))

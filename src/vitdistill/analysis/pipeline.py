@@ -14,10 +14,10 @@ from ..config import AugmentConfig
 from ..config.parsing import parse_dataclass
 from ..data import ImageSource, open_source
 from ..data.source import balanced_order
-from ..engine.distributed import resolve_device
+from ..device import resolve_device
 from ..errors import UserError
 from ..models import VisionModel
-from ..runner import data_config_for, load_trained
+from ..run_folder import data_config_for, load_trained
 from .landscape import Batches, axis, loss_landscape_1d, loss_landscape_2d
 from .plots import plot_all
 from .report import write_report

@@ -2,8 +2,8 @@
 
 Every function takes ``runs``: an ordered mapping ``label -> model result`` (the per-model dicts
 of ``analysis.json``) and the path to write; it returns the path, or None when no model has the
-numbers the figure needs (e.g. attention of a CNN). matplotlib is imported only here, lazily,
-with the non-interactive Agg backend.
+numbers the figure needs (e.g. attention of a CNN). matplotlib is imported lazily, with the
+non-interactive Agg backend (:mod:`vitdistill.figures`).
 """
 
 from __future__ import annotations
@@ -13,31 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..figures import integer_x, pyplot, save
+
 COLOURS = ("tab:blue", "tab:orange")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
-
-
-def _integer_x(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _layered(runs: Mapping[str, dict], key: str) -> dict[str, list]:
@@ -50,7 +28,7 @@ def plot_layer_curve(runs: Mapping[str, dict], key: str, ylabel: str, title: str
     series = _layered(runs, key)
     if not series:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for colour, (label, values) in zip(COLOURS, series.items()):
         xs, ys = list(range(1, len(values) + 1)), [float("nan") if v is None else v for v in values]
@@ -58,12 +36,12 @@ def plot_layer_curve(runs: Mapping[str, dict], key: str, ylabel: str, title: str
             xs, ys = [0, *xs], [runs[label][embedding_key], *ys]
         ax.plot(xs, ys, marker="o", color=colour, label=label)
     ax.set_xlabel("block (0 = patch embedding)" if embedding_key else "block")
-    _integer_x(ax)
+    integer_x(ax)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_attention_distance(runs: Mapping[str, dict], path: Path) -> Path | None:
@@ -71,7 +49,7 @@ def plot_attention_distance(runs: Mapping[str, dict], path: Path) -> Path | None
     series = _layered(runs, "attention_distance")
     if not series:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     offsets = [0.0] if len(series) == 1 else [-0.12, 0.12]
     for colour, offset, (label, rows) in zip(COLOURS, offsets, series.items()):
@@ -79,12 +57,12 @@ def plot_attention_distance(runs: Mapping[str, dict], path: Path) -> Path | None
             ax.scatter([layer + offset] * len(heads), heads, color=colour, s=18, alpha=0.7, label=label if layer == 1 else None)
         ax.plot(range(1, len(rows) + 1), runs[label]["layers"]["attention_distance_mean"], color=colour, alpha=0.6)
     ax.set_xlabel("block")
-    _integer_x(ax)
+    integer_x(ax)
     ax.set_ylabel("mean attention distance (pixels)")
     ax.set_title("Attention distance per head")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_attention_maps(maps: Mapping[str, torch.Tensor], path: Path) -> Path | None:
@@ -93,7 +71,7 @@ def plot_attention_maps(maps: Mapping[str, torch.Tensor], path: Path) -> Path | 
     maps = {label: m for label, m in maps.items() if m is not None}
     if not maps:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     cols = max(m.shape[0] for m in maps.values())
     fig, axes = plt.subplots(len(maps), cols, figsize=(1.9 * cols + 0.6, 2.1 * len(maps)), squeeze=False)
     for row, (label, stack) in enumerate(maps.items()):
@@ -108,7 +86,7 @@ def plot_attention_maps(maps: Mapping[str, torch.Tensor], path: Path) -> Path | 
             ax.set_title(f"block {layer + 1}", fontsize=8)
         axes[row][0].set_ylabel(label, fontsize=8)
     fig.suptitle("Mean attention (query x key, over images and heads)", fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _landscapes(runs: Mapping[str, dict], kind: str) -> dict[str, dict]:
@@ -120,7 +98,7 @@ def plot_landscape_1d(runs: Mapping[str, dict], path: Path) -> Path | None:
     series = _landscapes(runs, "1d")
     if not series:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     for colour, (label, curve) in zip(COLOURS, series.items()):
         left.plot(curve["alpha"], curve["loss"], color=colour, label=label)
@@ -132,7 +110,7 @@ def plot_landscape_1d(runs: Mapping[str, dict], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("1-D loss landscape", fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_landscape_2d(runs: Mapping[str, dict], path: Path) -> Path | None:
@@ -141,7 +119,7 @@ def plot_landscape_2d(runs: Mapping[str, dict], path: Path) -> Path | None:
     series = _landscapes(runs, "2d")
     if not series:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     import numpy as np
 
     grids = {label: np.asarray(s["loss"], dtype=float) for label, s in series.items()}
@@ -159,7 +137,7 @@ def plot_landscape_2d(runs: Mapping[str, dict], path: Path) -> Path | None:
         ax.set_title(label, fontsize=9)
         fig.colorbar(filled, ax=ax, label="cross-entropy", format="%.3g")
     fig.suptitle("2-D loss landscape", fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 FIGURES = {

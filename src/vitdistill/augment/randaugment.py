@@ -42,7 +42,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config.schema import register_recipe_check
 from ..errors import ConfigError, UserError
 from ..rng import CounterRNG
 
@@ -482,7 +481,6 @@ def rand_augment(images: torch.Tensor, rng: CounterRNG, epoch: int | torch.Tenso
     return torch.where(changed.view(-1, 1, 1, 1), out, images)
 
 
-@register_recipe_check
 def check_rand_augment(cfg) -> None:
     """``augment.rand_augment`` is a policy this module can run."""
     if cfg.augment.rand_augment is not None:

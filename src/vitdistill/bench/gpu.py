@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 import traceback
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ..atomic import write_text_atomic
 
 REPORT_FORMAT = "vitdistill-bench-gpu/1"
 TOLERANCE = 0.15  # a budgeted stage should end within 15% of its budget
@@ -80,9 +81,7 @@ class Bench:
         """The report, written atomically after every stage."""
         assert self.json_path is not None
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.json_path.with_name(self.json_path.name + ".tmp")
-        tmp.write_text(json.dumps(self.report, indent=2))
-        os.replace(tmp, self.json_path)
+        write_text_atomic(self.json_path, json.dumps(self.report, indent=2))
 
     def stage_result(self, name: str) -> dict | None:
         result = self.report.get("stages", {}).get(name)
@@ -122,8 +121,8 @@ def student_recipe(bench: Bench, distilled: bool) -> tuple[str, list[str]]:
 # -------------------------------------------------------------------------- stages
 def run_training(bench: Bench, name: str, recipe: str, overrides: list[str], budget_s: float) -> dict:
     """Train ``recipe`` under a time budget; the stage's figures from the run's summary."""
-    from ..config import load_recipe
     from ..runner import train
+    from ..validate import load_recipe
 
     out = bench.output / name
     shutil.rmtree(out, ignore_errors=True)  # an interrupted stage starts again
@@ -189,8 +188,8 @@ def stage_baseline(bench: Bench, budget_s: float) -> dict:
 
 def stage_store(bench: Bench, budget_s: float) -> dict:
     """A short run: cache the teacher's top-10 for a few epochs of views, train a student from it."""
-    from ..config import load_recipe
     from ..store import write_store
+    from ..validate import load_recipe
 
     began = time.perf_counter()
     recipe, overrides = student_recipe(bench, distilled=True)
@@ -208,8 +207,8 @@ def stage_store(bench: Bench, budget_s: float) -> dict:
 
 def stage_token_label(bench: Bench, budget_s: float) -> dict:
     """A short run: the teacher's label maps, then DeiT-Ti/4 with token labeling and MixToken."""
-    from ..config import load_recipe
     from ..labelmaps import write_label_maps
+    from ..validate import load_recipe
 
     began = time.perf_counter()
     maps = bench.output / "labelmaps"
@@ -256,31 +255,13 @@ STAGES = (
 
 
 # -------------------------------------------------------------------------- checks
-def describe_machine(device: str) -> dict:
-    import timm
-
-    from ..engine.distributed import resolve_device
-
-    dev = resolve_device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    return {
-        "device": name,
-        "device_type": dev.type,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "cpu_count": len(os.sched_getaffinity(0)),
-    }
-
-
 def count_synchronisations(bench: Bench, steps: int = 5) -> dict:
     """Synchronising calls in ``steps`` training steps of the distilled student (views, online
     teacher, update), after three warm-up steps; eager, so compilation does not count."""
-    from ..config import load_recipe
     from ..data import train_batches
-    from ..engine.distributed import DistEnv, resolve_device
+    from ..device import DistEnv, resolve_device
     from ..runner import build_trainer
+    from ..validate import load_recipe
     from .transfers import HostDeviceCopies
 
     recipe, overrides = student_recipe(bench, distilled=True)
@@ -316,6 +297,7 @@ def count_synchronisations(bench: Bench, steps: int = 5) -> dict:
 def run_bench_gpu(data: str | None, budget_s: float, output: str | Path = "runs/bench-gpu", json_path: str | Path | None = None, smoke: bool = False,
                   device: str = "auto", compile: str = "", seed: int = 0, stages: list[str] | None = None, throughput_compile: str = "both") -> dict:
     """Run the stages (see the module docstring) within ``budget_s`` seconds; returns the report."""
+    from ..device import describe_machine
     from ..errors import UserError
 
     output = Path(output)

@@ -18,17 +18,15 @@ on them. Two regimes: DeiT-Ti/4 at 32x32 with a CIFAR ResNet-18 teacher, and Dei
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, RunConfig, config_from_dict
+from ..config import ModelConfig, RunConfig
 from ..data import train_batches
-from ..engine.distributed import DistEnv, resolve_device
+from ..device import DistEnv, describe_machine, resolve_device
 from ..models import build_model, export_model
 from .synthetic import synthetic_imagefolder
 from .timm_patches import patch_timm_posterize
@@ -76,6 +74,8 @@ REGIMES = {
 def make_config(regime: Regime, data_root: str, cache: str, teacher_file: Path | None, batch_size: int, compile_model: str, device: str,
                 store: dict | None = None) -> RunConfig:
     """The benchmark's run; ``compile_model`` is "model", "augment", "both" or ""."""
+    from ..validate import config_from_dict  # late, as the runner below: it imports the objective and the engine
+
     objective = [{"term": "ce", "weight": 0.5, "head": "cls", "smoothing": 0.1}]
     if teacher_file is not None:
         objective.append({"term": "kd_hard", "weight": 0.5})  # the distillation head when there is one
@@ -282,14 +282,6 @@ def measure_store(regime: Regime, data_root: str, cache: Path, teacher_file: Pat
     cfg.teacher.store = store["path"]
     cfg.optim.epochs = epochs
     return measure_vitdistill(build_trainer(cfg, env, cache / "unused"), warmup, steps)
-
-
-def describe_machine(device: str) -> dict:
-    import timm
-
-    dev = resolve_device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    return {"device": name, "torch": torch.__version__, "timm": timm.__version__, "cpu_count": len(os.sched_getaffinity(0))}
 
 
 def run(regimes: list[str], data: dict[str, str | None], cache: Path, batch_size: int | None, workers: int, warmup: int, steps: int,

@@ -1,4 +1,10 @@
-"""Recipes: packaged YAML files (or a user's) plus dotted overrides, validated into RunConfig."""
+"""Recipes: packaged YAML files (or a user's) plus dotted overrides, parsed into RunConfig.
+
+:func:`parse_config` checks what the schema alone can check (types, unknown keys, value
+ranges). Loading a recipe for a run also checks it against the registries above this layer
+(objective terms, models, optimizers, RandAugment): that is :func:`vitdistill.validate.load_recipe`
+(also ``vitdistill.load_recipe``).
+"""
 
 from __future__ import annotations
 
@@ -32,10 +38,10 @@ __all__ = [
     "RunConfig",
     "StoreConfig",
     "TeacherConfig",
-    "config_from_dict",
     "dump_config",
     "list_recipes",
-    "load_recipe",
+    "parse_config",
+    "read_recipe",
     "to_dict",
 ]
 
@@ -92,17 +98,13 @@ def read_recipe(recipe: str, _seen: tuple[str, ...] = ()) -> dict:
     return raw
 
 
-def config_from_dict(raw: dict, overrides: Iterable[str] = ()) -> RunConfig:
-    """Validate a raw recipe mapping (after applying ``key=value`` overrides)."""
+def parse_config(raw: dict, overrides: Iterable[str] = ()) -> RunConfig:
+    """A raw recipe mapping (after applying ``key=value`` overrides) as a :class:`RunConfig`,
+    with the schema's own checks; :func:`vitdistill.validate.config_from_dict` adds the rest."""
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types
     for item in overrides:
         apply_override(raw, item)
     return parse_dataclass(RunConfig, raw)
-
-
-def load_recipe(recipe: str, overrides: Iterable[str] = ()) -> RunConfig:
-    """Load a packaged recipe by name (``deit_tiny_cifar10``) or a YAML path, with overrides."""
-    return config_from_dict(read_recipe(recipe), overrides)
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -4,6 +4,10 @@ A recipe is one :class:`RunConfig`. Every section is a dataclass; :func:`parse_d
 turns the YAML mapping into it and rejects unknown keys. Objective terms are a list of flat
 mappings (``{term: kd_soft, weight: 0.5, tau: 3.0}``) whose extra keys are validated by the
 term's own parameter dataclass (see :mod:`vitdistill.objective`).
+
+The checks here need nothing above the config layer. Those that need a registry above it (term
+names and parameters, timm model names, evaluation heads, optimizers, RandAugment policies) are
+made by :mod:`vitdistill.validate`, which loads recipes.
 """
 
 from __future__ import annotations
@@ -11,21 +15,10 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from ..errors import ConfigError, RecipeWarning
 from .parsing import parse_duration
-
-# Checks that need a registry above the config layer (objective terms, timm models, optimizers,
-# RandAugment policies) are registered here by the package that owns the registry, so that the
-# config layer imports nothing above it and every check still runs when a recipe is loaded.
-RECIPE_CHECKS: list[Callable[["RunConfig"], None]] = []
-
-
-def register_recipe_check(check: Callable[["RunConfig"], None]) -> Callable[["RunConfig"], None]:
-    """Run ``check(cfg)`` on every validated recipe; it raises :class:`ConfigError` naming the key."""
-    RECIPE_CHECKS.append(check)
-    return check
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -284,8 +277,6 @@ class RunConfig:
 
     def validate(self, key: str) -> None:
         _check(len(self.objective) > 0, "objective", "needs at least one term")
-        for check in RECIPE_CHECKS:
-            check(self)
 
     @property
     def output_dir(self) -> str:

@@ -1,6 +1,7 @@
 """Data sources: decoded uint8 images with labels and stable indices, and per-epoch batching."""
 
 from .batches import epoch_order, eval_batches, steps_per_epoch, train_batches
-from .source import ImageSource, open_source, open_splits
+from .source import ImageSource
+from .splits import open_source, open_splits
 
 __all__ = ["ImageSource", "epoch_order", "eval_batches", "open_source", "open_splits", "steps_per_epoch", "train_batches"]

@@ -23,7 +23,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import UserError
-from .imagefolder import check_skipped, decode_files, load_decoded, read_sizes, read_skipped, record_shape
+from .decoded import check_skipped, decode_files, load_decoded, read_sizes, read_skipped, record_shape
 from .source import ImageSource, cache_root, hash_items, limit_positions
 
 

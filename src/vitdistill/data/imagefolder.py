@@ -1,39 +1,25 @@
 """ImageFolder splits (``root/<split>/<class>/<file>``), from a folder or an archive of one.
 
-Images are decoded once, in parallel, straight into a ``.npy`` file in the cache folder (written
-through a memory map, so ImageNet-sized splits never need to fit in RAM). Later runs load the
-file into RAM when it takes at most half of the available memory, and memory-map it otherwise.
-Variable-sized images keep their aspect (:class:`RecordShape`): short side ``data.source_size``,
-long side up to ``data.max_aspect`` times that, in fixed-size zero-padded records with each
-image's true size beside them, so crops can cover the whole image; same-sized images without
-``data.source_size`` are kept as they are.
-
-The cache is keyed by the file list, the labels and every file's size and modification time, so
-an edited or replaced image is decoded again. A file that cannot be decoded is an error naming
-it (``data.on_corrupt: error``) or is left out and counted (``skip``); no temporary file outlives
-a failure.
+The files are listed here (classes are the sorted folder names, files sorted within a class) and
+decoded once through the decode cache (:mod:`.decoded`). The cached array is keyed by the file
+list, the labels and every file's size and modification time, so an edited or replaced image is
+decoded again.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import shutil
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from ..config import DataConfig
 from ..errors import UserError
-from ..progress import progress
+from .decoded import check_skipped, decode_files, load_decoded, read_sizes, read_skipped, record_shape
 from .source import ImageSource, cache_root, hash_items, limit_positions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -48,28 +34,22 @@ def unpack_archive(archive: Path, cache: Path) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     print(f"vitdistill: unpacking {archive} into {target}")
     try:
-        if archive.name.endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                zf.extractall(tmp)
-        else:
-            with tarfile.open(archive) as tf:
-                if hasattr(tarfile, "data_filter"):
-                    tf.extractall(tmp, filter="data")
-                else:  # pragma: no cover - Python < 3.10.12
-                    tf.extractall(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race
-            pass
+        # a pid-tagged temporary folder: another process unpacking the same archive may win the rename (theirs is kept)
+        with atomic_path(target, str(os.getpid()), keep_existing=True) as tmp:
+            if archive.name.endswith(".zip"):
+                with zipfile.ZipFile(archive) as zf:
+                    zf.extractall(tmp)
+            else:
+                with tarfile.open(archive) as tf:
+                    if hasattr(tarfile, "data_filter"):
+                        tf.extractall(tmp, filter="data")
+                    else:  # pragma: no cover - Python < 3.10.12
+                        tf.extractall(tmp)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as err:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"data.root: {archive} is damaged or incomplete ({detail}); copy or download it again") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -112,198 +92,6 @@ def files_signature(split_dir: Path, files: list[str]) -> str:
         stat = (split_dir / name).stat()
         lines.append(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}")
     return hash_items(lines)
-
-
-DECODE_CHUNK = 4096  # images handed to the worker pool at once (bounds the encoded bytes held)
-
-
-@dataclass(frozen=True)
-class RecordShape:
-    """How variable-sized images are stored: short side ``size``, long side kept up to
-    ``max_aspect`` times it (centre-cropped beyond), laid along the record's width (portrait
-    images are stored transposed), in a fixed ``[size, round(size * max_aspect)]`` record padded
-    with zeros. None of it applies to a split whose images all have one size and no
-    ``data.source_size``: those are stored as they are."""
-
-    size: int | None
-    max_aspect: float = 4 / 3
-
-    @property
-    def record(self) -> tuple[int, int] | None:
-        return None if self.size is None else (self.size, round(self.size * self.max_aspect))
-
-
-def _decode(args: tuple[str | bytes, RecordShape]) -> tuple[np.ndarray | None, tuple[int, int, int] | None, str | None]:
-    """One image (a file path or its encoded bytes) as a uint8 record, its true size
-    ``(height, width, transposed)`` in the record's pixels (orientation of the image), or None and
-    what went wrong. Pillow raises many exception types for damaged files -- OSError,
-    SyntaxError, ValueError, DecompressionBombError -- so all are caught here and reported with
-    the image's name by the caller."""
-    from PIL import Image
-
-    path, shape = args
-    try:
-        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
-            img = img.convert("RGB")
-            if shape.size is None:
-                array = np.asarray(img, dtype=np.uint8)
-                return array, (array.shape[0], array.shape[1], 0), None
-            size, (rows, cols) = shape.size, shape.record
-            w, h = img.size
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            if (nw, nh) != (w, h):
-                img = img.resize((nw, nh), Image.BICUBIC)
-            transposed = nh > nw  # portrait: the long side goes along the record's width
-            if transposed:
-                img = img.transpose(Image.Transpose.TRANSPOSE)
-                nw, nh = nh, nw
-            if nw > cols:  # beyond max_aspect: keep the centre of the long side
-                left = (nw - cols) // 2
-                img = img.crop((left, 0, left + cols, nh))
-                nw = cols
-            record = np.zeros((rows, cols, 3), dtype=np.uint8)
-            record[:nh, :nw] = np.asarray(img, dtype=np.uint8)
-            true = (nw, nh) if transposed else (nh, nw)  # (height, width) of the image as it is seen
-            return record, (true[0], true[1], int(transposed)), None
-    except Exception as err:  # noqa: BLE001 - see the docstring
-        return None, None, f"{type(err).__name__}: {err}"
-
-
-def skipped_path(out: Path) -> Path:
-    """The list of images a decoded array left out (beside it)."""
-    return out.with_name(out.name.removesuffix(".npy") + ".skipped.json")
-
-
-def sizes_path(out: Path) -> Path:
-    """The true ``(height, width, transposed)`` of every record (beside it; only for
-    variable-sized images)."""
-    return out.with_name(out.name.removesuffix(".npy") + ".sizes.npy")
-
-
-def decode_files(paths: Sequence[str | bytes], shape: RecordShape | int | None, out: Path, desc: str, on_corrupt: str = "error",
-                 names: Sequence[str] | None = None) -> list[int]:
-    """Decode all ``paths`` (file paths or encoded images; any sequence that slices, read
-    :data:`DECODE_CHUNK` at a time) into one ``[N, H, W, 3]`` array saved (atomically) at ``out``,
-    as :class:`RecordShape` describes; with a record shape the true sizes are saved beside it.
-
-    An undecodable image is an error naming it (``names[i]``, default the path;
-    ``on_corrupt='error'``) or is left out (``'skip'``: the array holds the others, in order;
-    their names are recorded beside the array and their positions returned). Temporary files
-    are removed on every failure.
-    """
-    shape = shape if isinstance(shape, RecordShape) else RecordShape(shape)
-    sizes = np.zeros((len(paths), 3), dtype=np.int32)
-    names = paths if names is None else names
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}.npy")
-    compact = out.with_name(out.name + f".tmp{os.getpid()}c.npy")
-    workers = max(1, min(len(os.sched_getaffinity(0)), 16))
-    chunksize = max(1, min(len(paths), DECODE_CHUNK) // (workers * 16))
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 256 else _Inline()
-
-    def decoded():
-        for start in range(0, len(paths), DECODE_CHUNK):
-            jobs = [(p, shape) for p in paths[start : start + DECODE_CHUNK]]
-            yield from pool.map(_decode, jobs, chunksize=chunksize)
-
-    bad: list[int] = []
-    array, record, kept = None, None, 0
-    try:
-        for i, (img, true_size, error) in enumerate(progress(decoded(), total=len(paths), desc=desc)):
-            if error is not None:
-                if on_corrupt == "error":
-                    raise UserError(f"data: cannot decode {names[i]} ({error}); replace or delete it, or set data.on_corrupt=skip to leave it out")
-                bad.append(i)
-                continue
-            if array is None:
-                record = img.shape
-                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *record))
-            if img.shape != record:
-                raise UserError(
-                    f"data: images have different sizes ({names[i]} is {img.shape[1]}x{img.shape[0]}, "
-                    f"the first is {record[1]}x{record[0]}); set data.source_size to decode them with their short side at that size"
-                )
-            array[kept] = img
-            sizes[kept] = true_size
-            kept += 1
-        if array is None:
-            raise UserError(f"data: none of the {len(paths):,} images could be decoded (e.g. {names[bad[0]]})")
-        array.flush()
-        if bad:  # keep the decoded images only: a copy into an array of the right length
-            final = np.lib.format.open_memmap(compact, mode="w+", dtype=np.uint8, shape=(kept, *record))
-            for first in range(0, kept, 4096):
-                final[first : first + 4096] = array[first : min(first + 4096, kept)]
-            final.flush()
-            del final
-            os.replace(compact, tmp)
-        del array
-        skipped_path(out).write_text(json.dumps({"corrupt": [str(names[i]) for i in bad]}))
-        if shape.size is not None:
-            np.save(sizes_path(out), sizes[:kept])
-        os.replace(tmp, out)
-    finally:
-        if isinstance(pool, ProcessPoolExecutor):
-            pool.shutdown(wait=True, cancel_futures=True)
-        tmp.unlink(missing_ok=True)
-        compact.unlink(missing_ok=True)
-    return bad
-
-
-def read_skipped(array_path: Path) -> list[str]:
-    """The undecodable images a cached array left out (an older cache without the list: none)."""
-    path = skipped_path(array_path)
-    return json.loads(path.read_text()).get("corrupt", []) if path.is_file() else []
-
-
-def read_sizes(array_path: Path) -> torch.Tensor | None:
-    """The records' true ``(height, width, transposed)`` ``[N, 3]`` int32, or None when the
-    images are stored as they are (all one size)."""
-    path = sizes_path(array_path)
-    return torch.from_numpy(np.load(path)) if path.is_file() else None
-
-
-def record_shape(cfg: DataConfig) -> RecordShape:
-    return RecordShape(cfg.source_size, cfg.max_aspect)
-
-
-def check_skipped(corrupt: list[str], on_corrupt: str) -> None:
-    """A cached result with left-out images does not hide them from a run that wants all."""
-    if corrupt and on_corrupt == "error":
-        more = f" and {len(corrupt) - 1:,} more" if len(corrupt) > 1 else ""
-        raise UserError(f"data: cannot decode {corrupt[0]}{more}; replace or delete them, or set data.on_corrupt=skip to leave them out")
-
-
-def ram_budget() -> int:
-    """Bytes of decoded images we are willing to hold in RAM: half of what is available."""
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return available // 2
-
-
-def load_decoded(path: Path) -> tuple[torch.Tensor, bool]:
-    """The decoded array, in RAM when it fits the budget, else memory-mapped (copy-on-write:
-    writable for torch, never written back). Returns it and whether it is memory-mapped."""
-    if path.stat().st_size <= ram_budget():
-        return torch.from_numpy(np.load(path)), False
-    return torch.from_numpy(np.load(path, mmap_mode="c")), True
-
-
-class _Inline:
-    """A stand-in for a process pool when the work is too small to be worth one."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @staticmethod
-    def map(fn, items, chunksize=1):
-        return map(fn, items)
 
 
 def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSource:

@@ -1,4 +1,6 @@
-"""A split of a dataset, decoded once into uint8 arrays; sample ``i`` has stable index ``i``.
+"""What every source gives (:class:`ImageSource`: a split decoded once into uint8 arrays; sample
+``i`` has stable index ``i``) and the helpers the sources share (cache folder, item hashes,
+class-balanced limits). Opening a split by its recipe is :mod:`.splits`.
 
 The index is the sample's position in the split's sorted file list (ImageFolder) or in the
 dataset's own order (CIFAR, digits, Hugging Face datasets), never a position in a shuffled
@@ -15,7 +17,6 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig
-from ..errors import UserError
 
 
 @dataclass
@@ -90,36 +91,3 @@ def limit_positions(labels: list[int], limit: int | None) -> list[int]:
     if limit is None or limit >= len(labels):
         return list(range(len(labels)))
     return sorted(balanced_order(labels)[:limit])
-
-
-def open_source(cfg: DataConfig, split: str, limit: int | None = None) -> ImageSource:
-    """Open one split of the configured dataset, decoding (once, cached) as needed."""
-    if cfg.source == "imagefolder":
-        from .imagefolder import open_imagefolder
-
-        return open_imagefolder(cfg, split, limit)
-    if cfg.source == "hf":
-        from .hf import open_hf
-
-        return open_hf(cfg, split, limit)
-    if cfg.source == "digits":
-        from .builtin import open_digits
-
-        return open_digits(split, limit)
-    if cfg.source in ("cifar10", "cifar100"):
-        from .builtin import open_torchvision_cifar
-
-        return open_torchvision_cifar(cfg, split, limit)
-    raise UserError(f"data.source: unknown source {cfg.source!r}")  # pragma: no cover - schema guards
-
-
-def open_splits(cfg: DataConfig) -> tuple[ImageSource, ImageSource]:
-    """The training and evaluation splits; their class lists must agree."""
-    train = open_source(cfg, cfg.train_split, cfg.train_limit)
-    evaluation = open_source(cfg, cfg.eval_split, cfg.eval_limit)
-    if train.classes != evaluation.classes:
-        raise UserError(
-            f"data: the {cfg.train_split} and {cfg.eval_split} splits have different classes "
-            f"({len(train.classes)} vs {len(evaluation.classes)})"
-        )
-    return train, evaluation

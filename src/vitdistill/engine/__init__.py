@@ -1,6 +1,6 @@
 """The engine: one loop for teachers and students (DDP, bf16, EMA, checkpoints, metrics)."""
 
-from .distributed import DistEnv, setup_distributed
+from ..device import DistEnv, setup_distributed
 from .evaluate import evaluate
 from .trainer import Trainer
 

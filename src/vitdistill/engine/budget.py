@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..config.parsing import parse_duration
-from .distributed import DistEnv
-from .metrics import format_duration
+from ..device import DistEnv
+from ..formatting import format_duration
 
 EXPORT_RESERVE_S = 0.5  # a budgeted run keeps this for writing model.safetensors at the end
 PLAN_MARGIN = 0.02  # ... and plans to end this fraction of its budget early (the rate drifts)

@@ -3,28 +3,21 @@ so a crash at any moment leaves either the previous checkpoint or the new one, n
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path
 from ..errors import UserError, short_reason
 
 CHECKPOINT_FORMAT = "vitdistill-checkpoint/1"
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: Path) -> dict:

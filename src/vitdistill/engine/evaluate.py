@@ -8,8 +8,8 @@ from torch import nn
 
 from ..augment import Augmenter
 from ..data import eval_batches
+from ..device import DistEnv, all_reduce_sum, autocast
 from ..progress import progress
-from .distributed import DistEnv, all_reduce_sum, autocast
 from .metrics import topk_correct
 
 

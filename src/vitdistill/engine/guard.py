@@ -19,8 +19,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from ..device import DistEnv
 from ..errors import UserError
-from .distributed import DistEnv
 
 NO_STEP = 2**62  # "no bad step yet" (a min-reduction keeps the first bad step across processes)
 

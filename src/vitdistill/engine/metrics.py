@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 import torch
+
+from ..atomic import write_text_atomic
+from ..formatting import format_table
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
@@ -27,9 +29,7 @@ def write_csv_atomic(rows: list[dict], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buffer.getvalue())
 
 
 class MetricsLog:
@@ -60,13 +60,6 @@ class MetricsLog:
             self.writer.close()
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 def summary_rows(history: list[dict]) -> list[tuple[str, float, float, int]]:
     """(metric, last, best, best epoch) for every accuracy column (higher is better)."""
     if not history:
@@ -78,12 +71,6 @@ def summary_rows(history: list[dict]) -> list[tuple[str, float, float, int]]:
             best, best_epoch = max(values)
             rows.append((key, history[-1][key], best, best_epoch))
     return rows
-
-
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def format_summary(history: list[dict]) -> str:

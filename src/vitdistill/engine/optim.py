@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from torch import nn
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
+from torch import nn
 
 from ..config import OptimConfig
-from ..config.schema import register_recipe_check
 from ..errors import ConfigError, UserError
 
 
-@register_recipe_check
 def check_optimizer(cfg) -> None:
     """``optim.opt`` is an optimizer timm can build (``lookahead_`` prefixes allowed)."""
     try:

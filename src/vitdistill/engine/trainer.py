@@ -17,6 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..augment import Augmenter, ViewBatch
 from ..config import RunConfig, to_dict
 from ..data import steps_per_epoch, train_batches
+from ..device import DistEnv, all_reduce_sum, autocast, barrier
+from ..formatting import format_duration
 from ..models import VisionModel, export_model
 from ..objective import Objective
 from ..progress import progress_bar
@@ -24,12 +26,10 @@ from ..rng import derive_seed
 from ..targets import TeacherFn, TeacherPrediction
 from .budget import Budget, BudgetPlan
 from .checkpoint import CHECKPOINT_FORMAT, save_atomic
-from .distributed import DistEnv, all_reduce_sum, autocast, barrier
 from .evaluate import evaluate
 from .guard import FiniteGuard, check_finite_state
-from .metrics import MetricsLog, format_duration
+from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
-
 
 
 def sync_device(device: torch.device) -> None:

@@ -11,9 +11,9 @@ Both hold the inference model only: per-token heads used for training (ours,
 distillation head is part of timm's model and of inference (the mean of the two heads), so it stays.
 """
 
+from .onnx import OPSET, export_onnx, onnx_max_abs_diff
 from .source import ExportSource, inference_backbone, open_export_source
 from .timm_folder import export_timm
-from .onnx import OPSET, export_onnx, onnx_max_abs_diff
 
 FORMATS = ("timm", "onnx")
 

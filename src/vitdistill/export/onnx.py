@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
 from ..errors import UserError
 from ..models import VisionModel
 from ..models.weights import SPEC_KEY
@@ -66,7 +67,6 @@ def export_onnx(source: ExportSource, output: str | Path) -> Path:
     example = torch.zeros(2, 3, size, size)
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     path = output / "model.onnx"
-    tmp = output / f"model.onnx.tmp{os.getpid()}"
     with torch.no_grad():
         program = torch.onnx.export(
             InferenceLogits(model).eval(),
@@ -91,11 +91,11 @@ def export_onnx(source: ExportSource, output: str | Path) -> Path:
         "output": inference_description(model),
     }
     onnx.helper.set_model_props(proto, metadata)
-    if weights_bytes > SINGLE_FILE_LIMIT:
-        onnx.save_model(proto, str(tmp), save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save_model(proto, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path, str(os.getpid())) as tmp:
+        if weights_bytes > SINGLE_FILE_LIMIT:
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, location=path.name + ".data")
+        else:
+            onnx.save_model(proto, str(tmp))
     return path.parent
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ..atomic import atomic_path
 from ..models.weights import SPEC_KEY
 from .source import ExportSource, inference_backbone
 
@@ -42,16 +43,14 @@ def export_timm(source: ExportSource, output: str | Path) -> Path:
     model_config = {"pretrained_cfg": {"classifier": classifiers}}
     if spec.classes:
         model_config["label_names"] = list(spec.classes)
-    tmp_config = output / f"config.json.tmp{os.getpid()}"
-    save_config_for_hf(backbone, str(tmp_config), model_config=model_config, model_args=model_args, data_config=data_config)
-    config = json.loads(tmp_config.read_text())
-    for key in SOURCE_WEIGHT_KEYS:
-        config["pretrained_cfg"].pop(key, None)
-    tmp_config.write_text(json.dumps(config, indent=2))
-
-    tmp_weights = output / f"model.safetensors.tmp{os.getpid()}"
-    state = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
-    save_file(state, str(tmp_weights), metadata={SPEC_KEY: spec.to_json(), "format": "pt"})
-    tmp_weights.replace(output / "model.safetensors")
-    tmp_config.replace(output / "config.json")
+    tag = str(os.getpid())  # two exports of one run at once write their own temporary files
+    with atomic_path(output / "config.json", tag) as tmp_config:  # renamed after the weights
+        save_config_for_hf(backbone, str(tmp_config), model_config=model_config, model_args=model_args, data_config=data_config)
+        config = json.loads(tmp_config.read_text())
+        for key in SOURCE_WEIGHT_KEYS:
+            config["pretrained_cfg"].pop(key, None)
+        tmp_config.write_text(json.dumps(config, indent=2))
+        with atomic_path(output / "model.safetensors", tag) as tmp_weights:
+            state = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
+            save_file(state, str(tmp_weights), metadata={SPEC_KEY: spec.to_json(), "format": "pt"})
     return output

@@ -8,29 +8,29 @@ heads. Top-k scores (logits, fp16) and class ids (int16, or int32 past 32,767 cl
 per location at the teacher's native grid. The map covers the whole cached source image (the
 same pixels the student's crops are cut from, so crops and labels can never disagree).
 
-The format on disk is :mod:`vitdistill.labelmaps.format`; its reader, a teacher source, is
+The format on disk is :mod:`vitdistill.targets.labelmap_format`; its reader, a teacher source, is
 :class:`vitdistill.targets.labelmaps.LabelMapTargets`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_path, write_text_atomic
 from ..config import RunConfig
 from ..config.paths import with_absolute_paths
 from ..data import ImageSource
-from ..engine.distributed import autocast, resolve_device
+from ..device import autocast, resolve_device
 from ..errors import UserError
 from ..progress import progress
 from ..targets import OnlineTeacher
+from ..targets.labelmap_format import MANIFEST, RECORDS, LabelMapManifest, map_dtype
 from ..targets.offline import file_sha256, prepare_teacher_run, teacher_identity
-from .format import MANIFEST, RECORDS, LabelMapManifest, map_dtype
 
 
 def dense_scores(teacher: OnlineTeacher, images: torch.Tensor) -> torch.Tensor:
@@ -67,9 +67,8 @@ def write_label_maps(cfg: RunConfig) -> Path:
     grid = list(probe.shape[-2:])
     dtype = map_dtype(k, grid[0], grid[1], source.num_classes)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (RECORDS + ".tmp")
     (folder / MANIFEST).unlink(missing_ok=True)  # old maps, if any, are no longer described
-    try:
+    with atomic_path(folder / RECORDS) as tmp:
         records = np.memmap(tmp, dtype=dtype, mode="w+", shape=(len(source),))
         batch = cfg.labelmaps.batch_size or cfg.optim.batch_size
         starts = range(0, len(source), batch)
@@ -80,9 +79,6 @@ def write_label_maps(cfg: RunConfig) -> Path:
             records["scores"][first : first + len(index)] = scores.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
         records.flush()
         del records
-        os.replace(tmp, folder / RECORDS)
-    finally:
-        tmp.unlink(missing_ok=True)
     manifest = LabelMapManifest(
         k=k,
         grid=grid,
@@ -94,8 +90,7 @@ def write_label_maps(cfg: RunConfig) -> Path:
         precision=precision,
         sha256=file_sha256(folder / RECORDS),
     )
-    (folder / (MANIFEST + ".tmp")).write_text(json.dumps(asdict(manifest), indent=1, sort_keys=True))
-    os.replace(folder / (MANIFEST + ".tmp"), folder / MANIFEST)
+    write_text_atomic(folder / MANIFEST, json.dumps(asdict(manifest), indent=1, sort_keys=True))
     size = (folder / RECORDS).stat().st_size
     print(f"vitdistill: label maps {folder}: {len(source):,} images, {grid[0]}x{grid[1]} locations, top-{k}; "
           f"{dtype.itemsize:,} bytes per image, {size / 2**20:,.1f} MiB")

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..config.schema import register_recipe_check
 from ..errors import ConfigError, UserError
 from . import convnet, lvvit  # noqa: F401  (register our CNNs and LV-ViT in timm)
 from .init import truncated_init
@@ -197,7 +196,6 @@ class VisionModel(nn.Module):
         return {f"backbone.{n}" for n in inner()} if inner else set()
 
 
-@register_recipe_check
 def check_model_names(cfg) -> None:
     """``model.name`` and ``teacher.name`` are models timm (with ours registered) can build."""
     names = [("model.name", cfg.model.name)]
@@ -218,7 +216,6 @@ def has_own_token_head(name: str) -> bool:
     return isinstance(classifier, (list, tuple)) and "aux_head" in classifier
 
 
-@register_recipe_check
 def check_eval_head(cfg) -> None:
     """``model.eval_head: lvvit_aux`` reads a per-token head: the model has its own, or
     ``model.token_head`` adds one (checked here, before any data is read)."""

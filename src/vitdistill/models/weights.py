@@ -8,24 +8,33 @@ everything needed to rebuild it (architecture, class names, input size, normalis
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from ..atomic import atomic_path, follow_umask
 from ..errors import UserError, short_reason
 from .relpos import per_block_rel_pos_bias
 from .spec import ModelSpec
 
-if TYPE_CHECKING:  # the wrapper's module builds models with these functions
-    from .network import VisionModel
+
+class Weighted(Protocol):
+    """What weight files are read into and written from (the wrapper, :class:`~.network.VisionModel`):
+    a timm backbone, our extra weights beside it (e.g. a token head), and the spec that rebuilds it."""
+
+    backbone: nn.Module
+    spec: ModelSpec
+
+    def extra_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
 SPEC_KEY = "vitdistill"
 EXTRA_PREFIX = "_vitdistill."  # keys of weights that are not the timm model's (e.g. our token head)
@@ -72,7 +81,7 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: VisionModel, path: str | Path, key: str) -> None:
+def load_weights(model: Weighted, path: str | Path, key: str) -> None:
     """Weights for a model (an export, run folder or plain state dict). The classifier may have
     another class count (finetuning on other classes): it is then left freshly initialised."""
     state = read_state_dict(path, key)
@@ -111,23 +120,12 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path | dict, key: str
         raise UserError(f"{key}: {source} does not fit the model (missing {missing}, unexpected {unexpected})")
 
 
-def export_model(model: VisionModel, path: str | Path) -> None:
+def export_model(model: Weighted, path: str | Path) -> None:
     """Write the backbone's weights and the spec to ``path`` (atomic: temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in {**model.backbone.state_dict(), **model.extra_state()}.items()}
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={SPEC_KEY: model.spec.to_json()})
-        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes 0600; other run files follow the umask
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        follow_umask(tmp)  # safetensors writes 0600; other run files follow the umask
 
 
 def read_spec(path: str | Path) -> ModelSpec:

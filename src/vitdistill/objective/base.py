@@ -22,7 +22,6 @@ from torch import nn
 
 from ..augment import ViewBatch
 from ..config.parsing import parse_dataclass, parse_value, to_dict
-from ..config.schema import register_recipe_check
 from ..errors import ConfigError
 from ..models import ModelOutput
 from ..models.output import HEADS
@@ -99,7 +98,6 @@ def needs_teacher(items: list[dict[str, Any]]) -> bool:
     return any(TERMS[item["term"]].needs_teacher for item in items)
 
 
-@register_recipe_check
 def check_objective(cfg) -> None:
     """Every term of a recipe is known and valid (defaults filled in); a teacher is set if needed."""
     cfg.objective = validate_terms(cfg.objective)

@@ -4,7 +4,7 @@ the exact augmented views; any number of students replay them from top-k records
 Here: the format and its writer and verifier. The reader, a teacher source, is
 :class:`vitdistill.targets.store.StoreTargets`."""
 
-from .format import Manifest
+from ..targets.store_format import Manifest
 from .verify import verify_store
 from .writer import describe_store, write_store
 

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 
 from ..augment import Augmenter
-from ..config import config_from_dict
+from ..config import parse_config
 from ..data import epoch_order, open_source
-from ..engine.distributed import DistEnv, resolve_device
+from ..device import DistEnv, resolve_device
 from ..errors import UserError
 from ..targets import build_online_teacher
 from ..targets.offline import first_difference, teacher_identity
-from .format import Manifest, damaged_epochs, read_epoch
+from ..targets.store_format import Manifest, damaged_epochs, read_epoch
 from .writer import teacher_probs
 
 # Largest |stored - recomputed| probability accepted by default: fp16 storage rounds a probability
@@ -41,7 +41,7 @@ def verify_store(
     overrides = [f"engine.device={device}"]
     if teacher is not None:
         overrides += [f"teacher.checkpoint={teacher}", "teacher.name=null", "teacher.weights=null"]
-    cfg = config_from_dict(manifest.recipe, overrides)
+    cfg = parse_config(manifest.recipe, overrides)  # validated in full when the store was written
     bad_files = [manifest.epochs[str(e)]["file"] for e in damaged_epochs(folder, manifest)]
     source = open_source(cfg.data, cfg.data.train_split, cfg.data.train_limit)
     diff = first_difference(manifest.dataset, source.fingerprint(), "dataset.")

@@ -7,24 +7,25 @@ run resumes at the first epoch not in the manifest; a partial epoch is redone.
 
 from __future__ import annotations
 
-import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_path, temp_path
 from ..augment import Augmenter
-from ..data import epoch_order
 from ..config import RunConfig, to_dict
 from ..config.paths import with_absolute_paths
-from ..engine.distributed import DistEnv, autocast, barrier, setup_distributed
-from ..engine.metrics import format_duration
+from ..data import epoch_order
+from ..device import DistEnv, autocast, barrier, setup_distributed
 from ..errors import UserError
+from ..formatting import format_duration
 from ..progress import progress_bar
 from ..targets import OnlineTeacher
 from ..targets.offline import file_sha256, first_difference, prepare_teacher_run, teacher_identity
-from .format import Manifest, augment_fingerprint, damaged_epochs, damaged_reason, epoch_file, topk_records
+from ..targets.store_format import Manifest, augment_fingerprint, damaged_epochs, damaged_reason, epoch_file, topk_records
 
 
 def new_manifest(cfg: RunConfig, source, teacher: OnlineTeacher, precision: str) -> Manifest:
@@ -93,23 +94,24 @@ def write_store(cfg: RunConfig) -> Path:
     bar = progress_bar(len(todo) * steps, 0, f"caching {folder.name}", cfg.engine.progress and env.is_main, unit="batch")
     began = time.perf_counter()
     for epoch in todo:
-        tmp = folder / (epoch_file(epoch) + ".tmp")
+        target = folder / epoch_file(epoch)
+        # every process fills its range of one shared temporary file; the main process renames it
+        with atomic_path(target) if env.is_main else nullcontext(temp_path(target)) as tmp:
+            if env.is_main:
+                np.memmap(tmp, dtype=manifest.dtype, mode="w+", shape=(manifest.records,)).flush()
+            barrier(env)
+            records = np.memmap(tmp, dtype=manifest.dtype, mode="r+", shape=(manifest.records,))
+            keys = epoch_order(n, views.rng, epoch, manifest.repeats).sort().values  # the epoch's views (all of 0..n-1 without repeats)
+            for first in range(start, stop, batch_size):
+                part = keys[first : min(first + batch_size, stop)]
+                probs = teacher_probs(teacher, views, part.to(views.images.device), epoch, manifest.temperature, env, precision)
+                records[part.numpy()] = topk_records(probs, manifest.k, manifest.dtype)
+                bar.update(1)
+            records.flush()
+            del records
+            barrier(env)
         if env.is_main:
-            np.memmap(tmp, dtype=manifest.dtype, mode="w+", shape=(manifest.records,)).flush()
-        barrier(env)
-        records = np.memmap(tmp, dtype=manifest.dtype, mode="r+", shape=(manifest.records,))
-        keys = epoch_order(n, views.rng, epoch, manifest.repeats).sort().values  # the epoch's views (all of 0..n-1 without repeats)
-        for first in range(start, stop, batch_size):
-            part = keys[first : min(first + batch_size, stop)]
-            probs = teacher_probs(teacher, views, part.to(views.images.device), epoch, manifest.temperature, env, precision)
-            records[part.numpy()] = topk_records(probs, manifest.k, manifest.dtype)
-            bar.update(1)
-        records.flush()
-        del records
-        barrier(env)
-        if env.is_main:
-            os.replace(tmp, folder / epoch_file(epoch))
-            manifest.epochs[str(epoch)] = {"file": epoch_file(epoch), "sha256": file_sha256(folder / epoch_file(epoch))}
+            manifest.epochs[str(epoch)] = {"file": epoch_file(epoch), "sha256": file_sha256(target)}
             manifest.write(folder)
             bar.write(f"epoch {epoch + 1}/{manifest.epochs_planned} cached ({format_duration(time.perf_counter() - began)} so far)")
         barrier(env)

@@ -4,17 +4,16 @@ Each way of getting it is a teacher source, one class registered by kind name
 (:func:`register_source`): the online teacher (:mod:`.online`), a teacher store (:mod:`.store`)
 and label maps (:mod:`.labelmaps`). The runner looks the recipe's kind up (:func:`source_class`)
 and builds it; the engine calls it once per batch (:class:`TeacherFn`) and hands the
-:class:`TeacherPrediction` to the objective. Writers of offline targets sit beside their formats
-(:mod:`vitdistill.store`, :mod:`vitdistill.labelmaps`).
+:class:`TeacherPrediction` to the objective. The offline sources' file formats are here too
+(:mod:`.store_format`, :mod:`.labelmap_format`): the contract between a reader here and its writer
+above (:mod:`vitdistill.store`, :mod:`vitdistill.labelmaps`, which run the online teacher).
 """
 
+from .labelmaps import LabelMapTargets
+from .online import OnlineTeacher, build_online_teacher
 from .prediction import TeacherPrediction
 from .source import GIVES, NEEDS, SOURCES, Request, TeacherFn, TeacherSource, register_source, source_class
-from .online import OnlineTeacher, build_online_teacher
-
-# Registered last: their formats' packages import the names above (the writers run the online teacher).
-from .store import StoreTargets  # noqa: E402
-from .labelmaps import LabelMapTargets  # noqa: E402
+from .store import StoreTargets
 
 __all__ = [
     "GIVES",

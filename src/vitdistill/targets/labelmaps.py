@@ -32,8 +32,8 @@ from ..augment.randaugment import geometric_warps, parse_rand_augment, warp_affi
 from ..config import RunConfig, TeacherConfig
 from ..data import ImageSource
 from ..errors import ConfigError, UserError
-from ..labelmaps.format import LabelMapManifest, read_records
 from ..rng import CounterRNG
+from .labelmap_format import LabelMapManifest, read_records
 from .offline import check_provenance
 from .prediction import TeacherPrediction
 from .source import Request, TeacherSource, register_source

@@ -11,7 +11,7 @@ import torch
 
 from ..config import RunConfig
 from ..data import ImageSource, open_source
-from ..engine.distributed import uses_bf16
+from ..device import uses_bf16
 from ..errors import UserError
 from ..models.weights import resolve_export
 from .online import OnlineTeacher, build_online_teacher

@@ -24,7 +24,6 @@ from ..augment import ViewBatch
 from ..config import RunConfig, TeacherConfig
 from ..config.parsing import parse_dataclass
 from ..config.paths import register_path_key
-from ..config.schema import register_recipe_check
 from ..data import ImageSource
 from ..errors import ConfigError, UserError
 from .prediction import TeacherPrediction
@@ -144,7 +143,6 @@ def source_class(teacher: TeacherConfig) -> type[TeacherSource]:
     return next(cls for cls in SOURCES.values() if cls.default)
 
 
-@register_recipe_check
 def check_teacher(cfg: RunConfig) -> None:
     """A ``teacher`` section chooses exactly one kind, whose own rules and parameters hold."""
     teacher = cfg.teacher
@@ -160,6 +158,6 @@ def check_teacher(cfg: RunConfig) -> None:
         raise ConfigError("teacher", f"needs {', '.join(hints[:-1])} or {hints[-1]}")
     exclusive = [cls for cls in named if not cls.default or teacher.kind == cls.kind]  # the default's keys may name the teacher
     if len(exclusive) > 1:
-        keys = [f"kind {cls.kind}" if teacher.kind == cls.kind else cls.fields[0] for cls in exclusive]
+        keys = sorted(f"kind {cls.kind}" if teacher.kind == cls.kind else cls.fields[0] for cls in exclusive)
         raise ConfigError("teacher", f"give {' or '.join(keys)}, not both")
     source_class(teacher).parse_params(teacher)

@@ -1,6 +1,6 @@
 """A teacher store as a teacher source: the teacher's answer for a view, read instead of computed.
 
-The store's format (:mod:`vitdistill.store.format`) and its writer (``vitdistill cache``) live in
+The store's format (:mod:`vitdistill.targets.store_format`) and its writer (``vitdistill cache``) live in
 :mod:`vitdistill.store`; this is its reader."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from ..augment import ViewBatch
 from ..config import RunConfig, TeacherConfig, to_dict
 from ..data import ImageSource
 from ..errors import ConfigError, UserError
-from ..store.format import Manifest, augment_fingerprint, damaged_epochs, damaged_reason, dense_from_topk, read_epoch
 from .offline import check_provenance, first_difference
 from .prediction import TeacherPrediction
 from .source import Request, TeacherSource, register_source
+from .store_format import Manifest, augment_fingerprint, damaged_epochs, damaged_reason, dense_from_topk, read_epoch
 
 
 def check_matches_run(manifest: Manifest, cfg: RunConfig, source: ImageSource, folder: Path) -> None:

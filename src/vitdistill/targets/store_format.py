@@ -14,15 +14,15 @@ to a temporary name and renamed; the manifest is rewritten (atomically) after ea
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import write_text_atomic
 from ..errors import UserError
-from ..targets.offline import file_sha256, read_manifest
+from .offline import file_sha256, read_manifest
 
 FORMAT = "vitdistill-teacher-store/1"
 MANIFEST = "manifest.json"
@@ -73,9 +73,7 @@ class Manifest:
         return sorted(int(e) for e in self.epochs)
 
     def write(self, folder: Path) -> None:
-        tmp = folder / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
-        os.replace(tmp, folder / MANIFEST)
+        write_text_atomic(folder / MANIFEST, json.dumps(asdict(self), indent=1, sort_keys=True))
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":

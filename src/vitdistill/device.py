@@ -1,19 +1,26 @@
-"""Process-group setup for torchrun (one process per GPU) and the single-process case."""
+"""Where the work runs: the device (and its CUDA math settings), the precision, and the process
+group (torchrun: one process per GPU; or a single process).
+
+A bottom module: the engine, the runner and every teacher-side writer (``cache``, ``labelmaps``,
+``verify``) import it, so it imports nothing of vitdistill but the errors."""
 
 from __future__ import annotations
 
 import os
+import platform
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError
+from .errors import UserError
 
 
 @dataclass
 class DistEnv:
+    """This process's place in the group (rank of world) and its device."""
+
     rank: int
     world: int
     device: torch.device
@@ -80,3 +87,21 @@ def uses_bf16(device: torch.device, precision: str) -> bool:
 def autocast(device: torch.device, precision: str):
     """bf16 autocast where :func:`uses_bf16`, else nothing (fp32)."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, precision) else nullcontext()
+
+
+def describe_machine(device: str) -> dict:
+    """The machine a benchmark ran on: the device's name and type, torch, timm, CUDA and Python
+    versions, and the CPU cores this process may use."""
+    import timm
+
+    dev = resolve_device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "device": name,
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_count": len(os.sched_getaffinity(0)),
+    }

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..targets.offline import file_sha256, read_manifest
+from .offline import file_sha256, read_manifest
 
 FORMAT = "vitdistill-label-maps/1"
 RECORDS = "labelmaps.bin"
