@@ -131,7 +131,7 @@ def test_built_in_kinds_are_chosen_by_their_keys_and_own_their_rules(tmp_path):
     recipe = ["demo_student_distilled", "teacher.checkpoint=null"]
     cases = {
         "teacher.checkpoint=a": "teacher: give checkpoint .* or name .*, not both",  # with the recipe's name below
-        "teacher.store=s": "teacher: give label_maps or store, not both",
+        "teacher.store=s": "teacher: give store or label_maps, not both",
         "teacher.kind=test_constant": "teacher: give label_maps or kind test_constant, not both",
         "teacher.kind=store": r"teacher\.store: kind store reads the store folder",
     }

@@ -9,11 +9,15 @@ and builds it; the engine calls it once per batch (:class:`TeacherFn`) and hands
 above (:mod:`vitdistill.store`, :mod:`vitdistill.labelmaps`, which run the online teacher).
 """
 
-from .labelmaps import LabelMapTargets
-from .online import OnlineTeacher, build_online_teacher
 from .prediction import TeacherPrediction
 from .source import GIVES, NEEDS, SOURCES, Request, TeacherFn, TeacherSource, register_source, source_class
+
+# The built-in sources, in the order messages list them (registration order): online, store, label maps.
+# isort: off
+from .online import OnlineTeacher, build_online_teacher
 from .store import StoreTargets
+from .labelmaps import LabelMapTargets
+# isort: on
 
 __all__ = [
     "GIVES",

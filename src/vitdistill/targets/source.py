@@ -158,6 +158,6 @@ def check_teacher(cfg: RunConfig) -> None:
         raise ConfigError("teacher", f"needs {', '.join(hints[:-1])} or {hints[-1]}")
     exclusive = [cls for cls in named if not cls.default or teacher.kind == cls.kind]  # the default's keys may name the teacher
     if len(exclusive) > 1:
-        keys = sorted(f"kind {cls.kind}" if teacher.kind == cls.kind else cls.fields[0] for cls in exclusive)
+        keys = [f"kind {cls.kind}" if teacher.kind == cls.kind else cls.fields[0] for cls in exclusive]
         raise ConfigError("teacher", f"give {' or '.join(keys)}, not both")
     source_class(teacher).parse_params(teacher)
