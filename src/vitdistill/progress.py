@@ -59,5 +59,5 @@ def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = T
     if not (enabled and progress_enabled()):
         return _Silent()
     bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True, unit=unit, leave=False)
-    bar.write = lambda line: tqdm.write(line, file=sys.stdout)  # type: ignore[method-assign]
+    bar.write = lambda line: tqdm.write(line, file=sys.stdout)
     return bar

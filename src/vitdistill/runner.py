@@ -88,9 +88,10 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path, clock_start: float
     teacher = build_targets(cfg, model, train_src, env, objective) if objective.needs_teacher else None
     objective.setup(model, cfg.seed, teacher)  # terms size their own parameters (a projector) from the teacher
     augment_device = torch.device("cpu") if cfg.data.augment_device == "cpu" else None
-    placement = dict(placement=cfg.data.placement, workers=cfg.data.workers, augment_device=augment_device)
-    train_views = Augmenter(train_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
-    eval_views = Augmenter(eval_src, cfg.augment, cfg.seed, mean, std, env.device, **placement)
+    train_views, eval_views = (
+        Augmenter(src, cfg.augment, cfg.seed, mean, std, env.device, placement=cfg.data.placement, workers=cfg.data.workers, augment_device=augment_device)
+        for src in (train_src, eval_src)
+    )
     return Trainer(cfg, model, objective, train_views, eval_views, teacher, env, output, clock_start)
 
 

@@ -7,13 +7,13 @@ import json
 import statistics
 from pathlib import Path
 
+from ..runner import train
+from ..validate import load_recipe
+
 
 def train_once(folder: Path, recipe: str, overrides: list[str]) -> dict:
     """The run's ``summary.json``, training ``recipe`` into ``folder`` first unless it finished
     (a run interrupted before continues from its checkpoint)."""
-    from ..config import load_recipe
-    from ..runner import train  # late: the runner imports most of the package
-
     summary = folder / "summary.json"
     if not summary.is_file():
         train(load_recipe(recipe, [f"output={folder}", *overrides]), resume=(folder / "checkpoint.pt").is_file())

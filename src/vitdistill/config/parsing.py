@@ -43,7 +43,7 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return parse_dataclass(tp, value, key)
     if origin in (list, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):

@@ -131,23 +131,27 @@ class Objective(nn.Module):
         self.needed_blocks = {b for t in terms for b in t.needs_blocks}
         self.needs_token_logits = any(t.needs_token_logits for t in terms)
 
+    def each_term(self) -> list[Term]:
+        return list(self.terms)  # type: ignore[arg-type]  # a ModuleList of Terms (nn.Module types its items as Module)
+
     def setup(self, model, seed: int, teacher: TeacherSource | None = None) -> None:
-        for term in self.terms:
+        for term in self.each_term():
             term.setup(model, seed, teacher)
 
     def model_inputs(self, batch: ViewBatch) -> dict:
         inputs: dict = {}
-        for term in self.terms:
+        for term in self.each_term():
             inputs.update(term.model_inputs(batch))
         return inputs
 
     def forward(self, out: ModelOutput, batch: ViewBatch, teacher: TeacherPrediction | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         parts: dict[str, torch.Tensor] = {}
         for label, weight, term in zip(self.labels, self.weights, self.terms):
-            value = term(out, batch, teacher)
+            value: torch.Tensor = term(out, batch, teacher)
             parts[_unique(parts, label)] = value.detach()
             total = total + weight * value
+        assert isinstance(total, torch.Tensor), "an objective has at least one term"
         return total, parts
 
 
