@@ -22,7 +22,7 @@ def test_mean_std_over_seeds():
     assert mean_std([0.25], digits=3) == "0.250 ± 0.000"  # one seed: no spread
 
 
-def test_throughput_benchmark_reports_all_variants(tmp_path, capsys):
+def test_throughput_benchmark_reports_all_variants(tmp_path, capsys, monkeypatch):
     out = tmp_path / "throughput.json"
     args = ["bench", "throughput", "--device", "cpu", "--batch-size", "4", "--warmup", "1", "--steps", "2", "--workers", "1",
             "--synthetic-images", "16", "--cache", str(tmp_path / "cache"), "--json", str(out)]
@@ -34,9 +34,19 @@ def test_throughput_benchmark_reports_all_variants(tmp_path, capsys):
     assert result["c_over_a"] == result["c_pipeline_teacher_img_s"] / result["a_bare_img_s"]
     assert report["machine"]["torch"]
     assert "(c)/(a)" in capsys.readouterr().out
-    # the 224 regime with small stand-ins: synthetic full-size JPEGs decoded once to 256 px
+    # the 224 regime with small stand-ins: synthetic full-size JPEGs decoded once to 256 px; a variant
+    # that fails keeps its first line in the table and its whole message and traceback in the JSON
+    from vitdistill.bench import throughput
+
+    def broken(*_):
+        raise RuntimeError("compile worker failed\nthe worker's own traceback, line 2")
+
+    monkeypatch.setattr(throughput, "measure_bare", broken)
     assert main([*args, "--regimes", "imagenet224", "--teacher", "vitdistill_convnet_tiny", "--student", "deit_tiny_patch16_224"]) == 0
-    assert json.loads(out.read_text())["results"][0]["input_size"] == 224
+    result = json.loads(out.read_text())["results"][0]
+    assert result["input_size"] == 224 and result["a_bare_img_s"] is None and result["b_pipeline_img_s"] > 0
+    assert result["errors"]["a_bare_img_s"] == "RuntimeError: compile worker failed"
+    assert "line 2" in result["tracebacks"]["a_bare_img_s"] and "in broken" in result["tracebacks"]["a_bare_img_s"]
 
 
 def test_compare_seeds_script(tmp_path, monkeypatch, capsys):

@@ -95,3 +95,39 @@ def test_bench_gpu_smoke_reports_every_stage_and_each_ends_on_time(tmp_path, cap
     capsys.readouterr()
     assert main(["bench", "gpu", "--smoke", "--budget", "2m", "--output", str(out)]) == 0  # again: finished stages are kept
     assert capsys.readouterr().out.count("done in an earlier run, kept") == 6
+
+
+def budget_after_first_plan(step_s: float, planned_end_s: float):
+    """A Budget whose first plan (made at 3 s, 8 steps an epoch) assumed ``step_s`` per step; its
+    clock is the test's (``clock.now``)."""
+    from vitdistill.device import DistEnv
+    from vitdistill.engine.budget import Budget
+
+    budget = Budget("60s", 0.0, DistEnv(0, 1, torch.device("cpu")), lambda: None, steps_per_epoch=8, eval_every=1, max_steps=8 * 1000,
+                    probe=lambda epoch: (0.01, 0.01))
+    budget.clock.now = 3.0
+    budget.clock.elapsed = lambda: budget.clock.now
+    budget.make_plan(8, step_s, announce=False)
+    budget.costs_from = 0
+    assert budget.plan.planned_end_s == pytest.approx(planned_end_s, abs=1.0)
+    return budget
+
+
+def test_a_plan_far_off_the_measured_rate_is_corrected_before_its_quarter_point():
+    # the first plan measured 0.3 s/step on a busy machine; the epochs since run at 0.015 s/step
+    budget = budget_after_first_plan(0.3, 58.3)
+    first = budget.plan.total_steps
+    for epoch in (2, 3):
+        budget.clock.now += 8 * 0.015 + 0.02
+        revised = budget.end_epoch(epoch * 8, 8, 8 * 0.015, 0.01, 8 * 0.015 + 0.02)
+    assert budget.clock.now < budget.plan.planned_at_s + 0.25 * (58.3 - 3.0)  # long before the quarter point
+    assert revised is not None and revised.total_steps > 10 * first and budget.revisions == 1
+
+
+def test_a_plan_near_the_measured_rate_waits_for_its_quarter_point():
+    budget = budget_after_first_plan(0.02, 58.3)
+    for epoch in (2, 3):
+        budget.clock.now += 8 * 0.025 + 0.02
+        assert budget.end_epoch(epoch * 8, 8, 8 * 0.025, 0.01, 8 * 0.025 + 0.02) is None  # 25% off: not yet due
+    budget.clock.now = 3.0 + 0.25 * 55.3 + 0.1
+    assert budget.end_epoch(4 * 8, 8, 8 * 0.025, 0.01, 8 * 0.025 + 0.02) is not None and budget.revisions == 1

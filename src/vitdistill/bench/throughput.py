@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -230,7 +231,7 @@ def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: i
     root = Path(data_root)
     split_dir = resolve_split_dir(unpack_archive(root, cache) if root.is_file() else root, "train")
     results: dict = {"regime": regime.name, "batch_size": batch_size, "input_size": regime.input_size, "student": regime.student["name"],
-                     "teacher": regime.teacher, "compile": compile_model, "loader_workers": workers, "steps": steps, "errors": {}}
+                     "teacher": regime.teacher, "compile": compile_model, "loader_workers": workers, "steps": steps, "errors": {}, "tracebacks": {}}
 
     def guarded(key: str, measure) -> None:
         """One variant: its images/s, or its error (one failing variant never loses the others)."""
@@ -243,6 +244,9 @@ def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: i
         except Exception as err:  # noqa: BLE001 - reported in the results, the other variants go on
             results[key] = None
             results["errors"][key] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            # the whole story goes into the JSON: inductor's SubprocException carries the failing
+            # compile worker's own traceback in its message, past the first line shown above
+            results["tracebacks"][key] = f"{traceback.format_exc()}\n{err}"
             print(f"vitdistill: bench {regime.name}: {key} failed: {results['errors'][key]}", flush=True)
 
     plain = build_trainer(make_config(regime, data_root, str(cache), None, batch_size, compile_model, device), env, cache / "unused")

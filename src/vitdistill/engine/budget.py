@@ -30,6 +30,7 @@ from ..formatting import format_duration
 EXPORT_RESERVE_S = 0.5  # a budgeted run keeps this for writing model.safetensors at the end
 PLAN_MARGIN = 0.02  # ... and plans to end this fraction of its budget early (the rate drifts)
 REVISIONS = 4  # corrections of a budgeted run's plan from its later epochs
+DRIFT = 0.5  # ... made before a quarter of the planned time has passed when the step time is off by more than this
 
 
 @dataclass
@@ -233,10 +234,15 @@ class Budget:
             return plan
         plan = self.plan
         since = self.epoch_costs[self.costs_from :]
-        due = plan.planned_at_s + 0.25 * (plan.planned_end_s - plan.planned_at_s)
-        if self.revisions >= REVISIONS or len(since) < 2 or self.clock.elapsed() < due:
+        if self.revisions >= REVISIONS or len(since) < 2:
             return None
         steps, train_s = sum(c[0] for c in since), sum(c[1] for c in since)
+        due = plan.planned_at_s + 0.25 * (plan.planned_end_s - plan.planned_at_s)
+        # a rate far from the plan's is corrected at once: a first plan measured while the machine
+        # was busy can be many times too slow, and the run would end long before the revision was due
+        drifted = abs(train_s / max(steps, 1) / plan.step_s - 1) > DRIFT
+        if self.clock.elapsed() < due and not drifted:
+            return None
         evals = [c[2] for c in since if c[2] is not None]
         others = [c[3] for c in since if c[3] is not None]
         eval_s = sum(evals) / len(evals) if evals else plan.eval_s
