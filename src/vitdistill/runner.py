@@ -21,11 +21,12 @@ from .engine.curves import write_run_curves
 from .engine.metrics import format_summary
 from .errors import ConfigError, UserError
 from .formatting import format_duration
+from .inference import open_predictor
 from .models import VisionModel, build_model
 from .models.network import check_input_size
 from .objective import Objective
 from .rng import derive_seed
-from .run_folder import data_config_for, load_trained
+from .run_folder import data_config_for
 from .targets import Request, TeacherSource, source_class
 
 # Keys that may change when a run is resumed (everything else must match the checkpoint).
@@ -181,20 +182,38 @@ def evaluate_checkpoint(
     overrides: list[str] | None = None,
     batch_size: int = 256,
     device: str = "auto",
+    ignore_class_names: bool = False,
 ) -> dict:
-    """Top-1/top-5 of a trained model on a split (default: the run's evaluation split)."""
-    model, recipe = load_trained(path)
-    data_cfg = data_config_for(recipe, data, list(overrides or []))
-    source = open_source(data_cfg, split or data_cfg.eval_split, data_cfg.eval_limit)
-    spec = model.spec
-    if spec.num_classes != source.num_classes:
-        raise UserError(f"eval: the model predicts {spec.num_classes} classes but {source.name} has {source.num_classes}")
+    """Top-1/top-5 of a trained model (a run, a timm export or an ONNX export) on a split (default:
+    the run's evaluation split). The data's class names must be the model's (``ignore_class_names``:
+    compare by position only)."""
     env = setup_distributed(device)
-    aug = parse_dataclass(AugmentConfig, (recipe or {}).get("augment") or {}, "augment")
-    aug.input_size = spec.input_size or aug.input_size
-    views = Augmenter(source, aug, 0, spec.mean or data_cfg.mean, spec.std or data_cfg.std, env.device)
-    metrics = evaluate(model.to(env.device), views, batch_size, env, show_progress=True)
-    return {"checkpoint": str(path), "model": spec.name, "data": source.name, "images": len(source), **metrics}
+    predictor = open_predictor(path, env.device)
+    data_cfg = data_config_for(predictor.recipe, data, list(overrides or []))
+    source = open_source(data_cfg, split or data_cfg.eval_split, data_cfg.eval_limit)
+    if not ignore_class_names:
+        check_class_names(predictor.classes, source.classes, source.name)
+    if predictor.num_classes != source.num_classes:
+        raise UserError(f"eval: the model predicts {predictor.num_classes} classes but {source.name} has {source.num_classes}")
+    views = Augmenter(source, predictor.augment_config(), 0, predictor.mean, predictor.std, env.device)
+    metrics = evaluate(predictor.module, views, batch_size, env, show_progress=True)
+    name = predictor.module.spec.name if isinstance(predictor.module, VisionModel) else predictor.kind
+    return {"checkpoint": str(path), "model": name, "data": source.name, "images": len(source), **metrics}
+
+
+def check_class_names(model_classes: list[str], data_classes: list[str], data_name: str) -> None:
+    """The data's classes are the model's, in the same order; else one line naming the difference."""
+    if model_classes == data_classes:
+        return
+    missing = [c for c in model_classes if c not in data_classes]
+    extra = [c for c in data_classes if c not in model_classes]
+    show = lambda names: ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")  # noqa: E731
+    parts = ([f"the model's {show(missing)} not in the data"] if missing else []) + ([f"the data's {show(extra)} unknown to the model"] if extra else [])
+    if not parts:
+        moved = [c for i, c in enumerate(data_classes) if model_classes[i] != c]
+        parts = [f"same names in another order ({show(moved)} moved)"]
+    raise UserError(f"eval: the classes of {data_name} are not the model's: {'; '.join(parts)} "
+                    "(pass --ignore-class-names to compare class by position anyway)")
 
 
 def skipped_files(*sources: ImageSource) -> dict:
