@@ -74,6 +74,20 @@ def check_resume_compatible(saved: dict, current: RunConfig) -> None:
             raise UserError(f"--resume: {key} was {old.get(key)!r} in the checkpoint but is {new.get(key)!r} now; resume with the same recipe")
 
 
+def check_resume_progress(state: dict, cfg: RunConfig) -> None:
+    """What ``--resume`` may change (``optim.epochs``, ``engine.*``) still describes the run that was
+    trained: fewer epochs than are complete would leave a checkpoint, weights and history of a
+    longer run under a config.yaml that says otherwise; EMA weights cannot start in the middle of
+    a run (the average would cover the resumed epochs only)."""
+    done = int(state["epoch"])
+    if state.get("budget_plan") is None and cfg.optim.epochs < done:
+        raise UserError(f"--resume: optim.epochs={cfg.optim.epochs} but {done} epochs are already complete; "
+                        f"resume with optim.epochs >= {done}, or train a new run (output=...)")
+    if cfg.engine.ema_decay is not None and state.get("ema") is None:
+        raise UserError(f"--resume: engine.ema_decay={cfg.engine.ema_decay} is new: the checkpoint has no EMA weights (trained without EMA), "
+                        "and an average started now would cover the resumed epochs only; train a new run with engine.ema_decay set")
+
+
 def build_trainer(cfg: RunConfig, env: DistEnv, output: Path, clock_start: float | None = None) -> Trainer:
     """Everything a run needs, from its recipe: data, views, model, teacher, objective."""
     train_src, eval_src = open_splits(cfg.data)
@@ -122,6 +136,7 @@ def train(cfg: RunConfig, resume: bool = False) -> RunResult:
     if resume:  # refuse a changed recipe before spending time on the data
         state = load_checkpoint(checkpoint)
         check_resume_compatible(state["config"], cfg)
+        check_resume_progress(state, cfg)
     start = time.perf_counter()  # a time budget counts from here: data, model, compilation included
     trainer = build_trainer(cfg, env, output, start)
     if state is not None:
