@@ -10,8 +10,8 @@ from conftest import CACHE, tiny_run
 from PIL import Image
 
 from vitdistill.cli import main
-from vitdistill.data import open_source
 from vitdistill.config import DataConfig
+from vitdistill.data import open_source
 from vitdistill.run_folder import data_config_for
 
 

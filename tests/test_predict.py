@@ -138,7 +138,7 @@ def test_eval_reads_an_onnx_export(run, capsys):
     onnx_out = capsys.readouterr().out
     assert main(["eval", str(run), "--data", "digits", "data.eval_limit=64", "--device", "cpu"]) == 0
     run_out = capsys.readouterr().out
-    top1 = lambda text: next(line for line in text.splitlines() if line.strip().startswith("top1"))  # noqa: E731
+    top1 = lambda text: next(line for line in text.splitlines() if line.strip().startswith("top1"))
     assert top1(onnx_out) == top1(run_out)
 
 

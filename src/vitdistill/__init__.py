@@ -18,4 +18,4 @@ from .validate import load_recipe
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "RunConfig", "RunResult", "UserError", "Prediction", "evaluate_checkpoint", "list_recipes", "load_recipe", "predict", "train"]
+__all__ = ["ConfigError", "Prediction", "RunConfig", "RunResult", "UserError", "evaluate_checkpoint", "list_recipes", "load_recipe", "predict", "train"]

@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import tarfile
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -256,7 +256,7 @@ def _predict_hf(predictor: Predictor, root: Path, split: str, k: int, batch_size
     """Every row of a Hugging Face dataset's split, decoded through the HF source (rows that cannot be decoded are bad inputs)."""
     from .data import open_source
 
-    recipe_data = dict(((predictor.recipe or {}).get("data") or {}))
+    recipe_data = dict((predictor.recipe or {}).get("data") or {})
     cfg = parse_dataclass(DataConfig, {
         "source": "hf", "root": str(root), "on_corrupt": "skip", "source_size": predictor.record.size, "max_aspect": predictor.record.max_aspect,
         **{key: recipe_data[key] for key in ("image_column", "label_column", "cache_dir") if recipe_data.get(key) is not None},

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from .augment import Augmenter
-from .config import AugmentConfig, RunConfig, dump_config, to_dict
-from .config.parsing import parse_dataclass
+from .config import RunConfig, dump_config, to_dict
 from .config.paths import absolute_paths_in, with_absolute_paths
 from .data import ImageSource, open_source, open_splits
 from .device import DistEnv, setup_distributed
