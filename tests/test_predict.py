@@ -165,3 +165,11 @@ def test_hf_dataset_input(run, tmp_path):
     rows = predict(run, [tmp_path / "hfds", tmp_path / "one.png"], top_k=2, device="cpu")
     assert [r.path for r in rows] == [f"{tmp_path / 'hfds'}/test row {i}" for i in range(3)] + [str(tmp_path / "one.png")]
     assert rows[1].labels == rows[3].labels and np.allclose(rows[1].probabilities, rows[3].probabilities, atol=1e-6)
+
+
+def test_mixed_size_centre_crops_at_crop_pct_below_one():
+    """Per-sample (mixed-size) evaluation boxes: the centred square of crop_pct x the short side."""
+    from vitdistill.augment.geometry import centre_boxes
+
+    boxes = centre_boxes(2, torch.tensor([10, 30]), torch.tensor([40, 12]), "cpu", crop_pct=0.5)
+    assert boxes.tolist() == [[17.5, 2.5, 22.5, 7.5], [3.0, 12.0, 9.0, 18.0]]
