@@ -50,3 +50,18 @@ def test_resume_with_fewer_epochs_or_new_ema_is_refused_and_keeps_config(tmp_pat
     # the same number of epochs (N, not N+1) is a finished run: resumed, nothing trained, config kept
     assert main(["train", "demo_student", *args, "--resume"]) == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["epochs"] == 2
+
+
+def test_a_schedule_ending_mid_epoch_trains_exactly_its_steps(tmp_path):
+    """A (budget) plan that ends 3 steps into the second epoch: 3 steps there, not 4, and the
+    partial epoch is the last (evaluated)."""
+    from vitdistill.device import setup_distributed
+    from vitdistill.runner import build_trainer
+
+    cfg = load_recipe("demo_student", tiny_run(tmp_path / "run", *TINY_DEIT, "optim.epochs=3", "data.train_limit=128", "data.eval_limit=32"))
+    (tmp_path / "run").mkdir()
+    trainer = build_trainer(cfg, setup_distributed("cpu"), tmp_path / "run")
+    assert trainer.steps == 4  # 128 images, batches of 32
+    trainer.total_steps = trainer.steps + 3
+    history = trainer.fit()
+    assert trainer.num_updates == 7 and len(history) == 2 and "eval_top1" in history[-1]
