@@ -162,6 +162,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         last = model["layers"]["patch_cosine"][-1] if model.get("layers") else None
         extra = f", last-layer patch cosine similarity {last:.3f}" if last is not None else ""
         print(f"{model['label']}: top-1 {model['top1']:.2f}% on {result['images']} images{extra}")
+        if model.get("note"):  # e.g. why a model that is not a ViT has no token or attention figures
+            print(f"{model['label']}: {model['note']}")
     print(f"vitdistill: report in {Path(args.output) / 'report.md'}")
     _write_json(args.json, result)
 
