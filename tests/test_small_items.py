@@ -69,3 +69,19 @@ def test_timm_export_follows_the_umask(tmp_path):
         os.umask(old)
     for name in ("model.safetensors", "config.json"):
         assert (folder / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_recipe_can_replace_an_inherited_mapping(tmp_path):
+    from vitdistill.config import read_recipe
+    from vitdistill.validate import load_recipe
+
+    (tmp_path / "tiny_vit.yaml").write_text(
+        "base: demo_student\nmodel:\n  name: tiny_vit_5m_224\n  img_size: null\n  patch_size: null\n"
+        "  kwargs: {_replace: true, embed_dims: [16, 32, 48, 64]}\n"
+    )
+    raw = read_recipe(str(tmp_path / "tiny_vit.yaml"))
+    assert raw["model"]["kwargs"] == {"embed_dims": [16, 32, 48, 64]}  # not the DeiT base's embed_dim/depth/heads
+    merged = (tmp_path / "merged.yaml")
+    merged.write_text("base: demo_student\nmodel:\n  kwargs: {depth: 2}\n")
+    assert read_recipe(str(merged))["model"]["kwargs"] == {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0}  # default: merged
+    assert load_recipe(str(tmp_path / "tiny_vit.yaml")).model.kwargs == {"embed_dims": [16, 32, 48, 64]}

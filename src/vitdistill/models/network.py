@@ -263,7 +263,8 @@ def create_backbone(spec: ModelSpec, drop_path: float = 0.0) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, num_classes=spec.num_classes, **kwargs)
     except TypeError as err:
-        raise UserError(f"model: {spec.name} rejected its arguments {sorted(kwargs)}: {err}") from None
+        raise UserError(f"model: {spec.name} rejected its arguments {sorted(kwargs)}: {err} (a recipe's model.kwargs merge into its base's: "
+                        "write `kwargs: {_replace: true, ...}` to replace them)") from None
 
 
 def fixed_input_size(backbone: nn.Module) -> tuple[int, int] | None:
