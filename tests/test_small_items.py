@@ -85,3 +85,16 @@ def test_a_recipe_can_replace_an_inherited_mapping(tmp_path):
     merged.write_text("base: demo_student\nmodel:\n  kwargs: {depth: 2}\n")
     assert read_recipe(str(merged))["model"]["kwargs"] == {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0}  # default: merged
     assert load_recipe(str(tmp_path / "tiny_vit.yaml")).model.kwargs == {"embed_dims": [16, 32, 48, 64]}
+
+
+def test_the_run_folder_keeps_a_log_of_what_was_printed(tmp_path, capsys):
+    from conftest import TINY_DEIT, tiny_run
+
+    from vitdistill.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "demo_student", *tiny_run(out, *TINY_DEIT, "optim.epochs=1", "data.train_limit=64", "data.eval_limit=32")]) == 0
+    printed = capsys.readouterr().out
+    log = (out / "run.log").read_text()
+    assert "epoch 1/1" in log and "eval top1" in log and "finished in" in log
+    assert all(line in printed for line in log.splitlines() if line)  # the same lines as on the terminal

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,16 +147,55 @@ def train(cfg: RunConfig, resume: bool = False) -> RunResult:
     if env.is_main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(dump_config(cfg))
-        print(f"vitdistill: {cfg.name}: {describe_source(source)} -> {output}")
-        for line in describe_skipped(source, trainer.eval_views.source):
-            print(f"vitdistill: {line}")
-    history = trainer.fit()
-    wall = time.perf_counter() - start
-    if env.is_main:
-        write_summary(cfg, output, history, wall, skipped_files(source, trainer.eval_views.source), budget_report(trainer, wall))
-        write_run_curves(output, history, cfg.name)  # curves.png
+    with logged_stdout(output / "run.log" if env.is_main else None):
+        if env.is_main:
+            print(f"vitdistill: {cfg.name}: {describe_source(source)} -> {output}")
+            for line in describe_skipped(source, trainer.eval_views.source):
+                print(f"vitdistill: {line}")
+        history = trainer.fit()
+        wall = time.perf_counter() - start
+        if env.is_main:
+            write_summary(cfg, output, history, wall, skipped_files(source, trainer.eval_views.source), budget_report(trainer, wall))
+            write_run_curves(output, history, cfg.name)  # curves.png
     parameters = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunResult(output=output, history=history, wall_time_s=wall, parameters=parameters)
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the terminal's stream and to a log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.log.flush()  # a run killed later keeps what it printed
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+@contextmanager
+def logged_stdout(path: Path | None):
+    """What the run prints on standard output also goes to ``path`` (``run.log`` in the run
+    folder, appended to by a resumed run); nothing when None (ranks other than 0)."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as log:
+        original = sys.stdout
+        sys.stdout = _Tee(original, log)
+        try:
+            yield
+        finally:
+            sys.stdout = original
 
 
 def budget_report(trainer: Trainer, wall: float) -> dict | None:
