@@ -92,3 +92,16 @@ def test_eval_on_a_folder_uses_the_run_eval_split(run, tmp_path, capsys):
     folder = digits_folder(tmp_path / "data", split="val")
     assert main(["eval", str(other), "--data", str(folder), f"data.cache_dir={CACHE}"]) == 0
     assert "/val" in capsys.readouterr().out
+
+
+def test_a_model_without_recorded_class_names_is_compared_by_count_only(tmp_path):
+    """An export written without class names (older vitdistill, or a bare state dict) is not refused."""
+    from vitdistill.config import ModelConfig
+    from vitdistill.models import build_model, export_model
+    from vitdistill.runner import evaluate_checkpoint
+
+    model = build_model(ModelConfig(name="vitdistill_convnet_tiny"), 10, input_size=8, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    assert model.spec.classes == []
+    export_model(model, tmp_path / "model.safetensors")
+    result = evaluate_checkpoint(tmp_path / "model.safetensors", "digits", None, ["data.eval_limit=20"], device="cpu")
+    assert result["images"] == 20

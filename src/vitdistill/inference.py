@@ -80,6 +80,7 @@ class Predictor:
     record: RecordShape  # how files are decoded (the run's data.source_size / max_aspect)
     kind: str  # "run", "timm export" or "onnx export"
     recipe: dict | None = None  # the run's recipe, when known
+    has_class_names: bool = True  # False: the model did not record its classes ("0", "1", ... stand in)
     num_classes: int = field(init=False)
 
     def __post_init__(self):
@@ -111,8 +112,11 @@ def open_predictor(path: str | Path, device: torch.device | None = None) -> Pred
         if "label_names" not in meta or "input_size" not in meta:
             raise UserError(f"{onnx_path} has no label_names/input_size metadata: not an ONNX export written by vitdistill")
         mean, std = tuple(meta.get("mean") or (0.485, 0.456, 0.406)), tuple(meta.get("std") or (0.229, 0.224, 0.225))
-        return Predictor(module, list(meta["label_names"]), int(meta["input_size"][-1]), float(meta.get("crop_pct") or 1.0), mean, std,
-                         RecordShape(None), "onnx export")
+        names = list(meta["label_names"])
+        if not names:  # an export of a model that did not record its classes: count them from the output
+            names = [str(i) for i in range(module.session.get_outputs()[0].shape[-1])]
+        return Predictor(module, names, int(meta["input_size"][-1]), float(meta.get("crop_pct") or 1.0), mean, std,
+                         RecordShape(None), "onnx export", has_class_names=bool(meta["label_names"]))
     timm_config = path / "config.json" if path.is_dir() else None
     if timm_config is not None and timm_config.is_file() and not (path / "config.yaml").is_file():
         model = load_model(path)
@@ -131,7 +135,7 @@ def _from_model(model: VisionModel, recipe: dict | None, crop_pct: float, kind: 
     classes = list(spec.classes) or [str(i) for i in range(spec.num_classes)]
     record = RecordShape(data.source_size, data.max_aspect) if recipe else RecordShape(None)
     return Predictor(model.to(device).eval(), classes, spec.input_size or aug.input_size, crop_pct, spec.mean or data.mean, spec.std or data.std,
-                     record, kind, recipe)
+                     record, kind, recipe, has_class_names=bool(spec.classes))
 
 
 # ---------------------------------------------------------------------------- inputs

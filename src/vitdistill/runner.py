@@ -247,7 +247,7 @@ def evaluate_checkpoint(
     predictor = open_predictor(path, env.device)
     data_cfg = data_config_for(predictor.recipe, data, list(overrides or []))
     source = open_source(data_cfg, split or data_cfg.eval_split, data_cfg.eval_limit)
-    if not ignore_class_names:
+    if predictor.has_class_names and not ignore_class_names:
         check_class_names(predictor.classes, source.classes, source.name)
     if predictor.num_classes != source.num_classes:
         raise UserError(f"eval: the model predicts {predictor.num_classes} classes but {source.name} has {source.num_classes}")
