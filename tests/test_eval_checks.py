@@ -103,5 +103,6 @@ def test_a_model_without_recorded_class_names_is_compared_by_count_only(tmp_path
     model = build_model(ModelConfig(name="vitdistill_convnet_tiny"), 10, input_size=8, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
     assert model.spec.classes == []
     export_model(model, tmp_path / "model.safetensors")
-    result = evaluate_checkpoint(tmp_path / "model.safetensors", "digits", None, ["data.eval_limit=20"], device="cpu")
-    assert result["images"] == 20
+    folder = digits_folder(tmp_path / "data", rename={"3": "zebra"})  # names a model with recorded names would refuse
+    result = evaluate_checkpoint(tmp_path / "model.safetensors", str(folder), None, [f"data.cache_dir={CACHE}"], device="cpu")
+    assert result["images"] == 40
