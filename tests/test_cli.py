@@ -41,6 +41,8 @@ def test_eval_rejects_data_with_other_classes(tmp_path, capsys):
         (folder / name).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(folder / name / "0.png")
     assert main(["eval", str(out), "--data", str(tmp_path / "two_classes"), f"data.cache_dir={CACHE}"]) == 2
+    assert "the data's a, b unknown to the model" in capsys.readouterr().err  # names first (issue 19, case 2)
+    assert main(["eval", str(out), "--data", str(tmp_path / "two_classes"), f"data.cache_dir={CACHE}", "--ignore-class-names"]) == 2
     assert "predicts 10 classes" in capsys.readouterr().err
 
 

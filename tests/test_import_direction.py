@@ -30,8 +30,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("writers", {"store", "labelmaps"}),
     ("objective", {"objective"}),
     ("engine", {"engine"}),
-    # a run from a recipe; a recipe checked against every registry; a finished run read back
-    ("runner", {"runner", "validate", "run_folder"}),
+    # a run from a recipe; a recipe checked against every registry; a finished run read back (and run on images)
+    ("runner", {"runner", "validate", "run_folder", "inference"}),
     # what works on runs: diagnostics, exports, benchmarks, the demo
     ("tools", {"analysis", "export", "bench", "demo"}),
     ("cli", {"cli", "__main__", ""}),

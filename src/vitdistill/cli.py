@@ -1,4 +1,4 @@
-"""The ``vitdistill`` command line: ``train``, ``eval``, ``demo``, ``export``, ``compare``, ``recipes``, ``config``..."""
+"""The ``vitdistill`` command line: ``train``, ``eval``, ``predict``, ``demo``, ``export``, ``compare``, ``recipes``, ``config``..."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ EPILOG = """examples:
   vitdistill train my_recipe.yaml --resume
   vitdistill eval runs/deit_tiny_distilled_cifar10 --json eval.json
   vitdistill export runs/deit_tiny_distilled_cifar10 --format onnx
+  vitdistill predict runs/deit_tiny_distilled_cifar10 photos/ --top-k 3 --output predictions.csv
   vitdistill compare runs/deit_tiny_cifar10 runs/deit_tiny_distilled_cifar10 --plot compare.png
 """
 
@@ -49,12 +50,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .formatting import format_table
     from .runner import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, _split_overrides(args.overrides), args.batch_size, args.device)
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, _split_overrides(args.overrides), args.batch_size, args.device,
+                                 args.ignore_class_names)
     print(f"{result['model']} on {result['data']} ({result['images']:,} images)")
     rows = [[k, f"{v:.2f}"] for k, v in result.items() if k.startswith(("top1", "top5"))]
     print(format_table(["metric (%)", "value"], rows))
     print(f"loss (cross-entropy of the inference head): {result['loss']:.4f}")
     _write_json(args.json, result)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .device import resolve_device
+    from .inference import EXIT_SOME_BAD, open_predictor, predict_iter, write_predictions
+
+    if args.top_k < 1:
+        raise UserError("predict: --top-k must be at least 1")
+    predictor = open_predictor(args.model, resolve_device(args.device))
+    k = min(args.top_k, predictor.num_classes)
+    rows = predict_iter(predictor, args.images, k, args.batch_size, args.device, args.split, show_progress=True)
+    if args.output:
+        from .atomic import atomic_path
+
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(Path(args.output)) as tmp, open(tmp, "w", newline="") as out:
+            done, bad = write_predictions(rows, out, args.format, k)
+    else:
+        done, bad = write_predictions(rows, sys.stdout, args.format, k)
+    where = f" -> {args.output}" if args.output else ""
+    print(f"vitdistill: predicted {done:,} images with the {predictor.kind}{where}" + (f"; {bad:,} could not be read" if bad else ""), file=sys.stderr)
+    return EXIT_SOME_BAD if bad else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -138,6 +162,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         last = model["layers"]["patch_cosine"][-1] if model.get("layers") else None
         extra = f", last-layer patch cosine similarity {last:.3f}" if last is not None else ""
         print(f"{model['label']}: top-1 {model['top1']:.2f}% on {result['images']} images{extra}")
+        if model.get("note"):  # e.g. why a model that is not a ViT has no token or attention figures
+            print(f"{model['label']}: {model['note']}")
     print(f"vitdistill: report in {Path(args.output) / 'report.md'}")
     _write_json(args.json, result)
 
@@ -209,14 +235,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a trained model")
-    p.add_argument("checkpoint", help="run folder, model.safetensors or checkpoint.pt")
+    p.add_argument("checkpoint", help="run folder, model.safetensors, checkpoint.pt, timm export folder or model.onnx")
     p.add_argument("overrides", nargs="*", help="data.key=value overrides (e.g. data.eval_limit=1000)")
-    p.add_argument("--data", help="digits, cifar10, cifar100, or an ImageFolder folder/archive (default: the run's data)")
+    p.add_argument("--data", help="digits, cifar10, cifar100, an ImageFolder folder/archive or a Hugging Face dataset folder (default: the run's data)")
     p.add_argument("--split", help="split to evaluate (default: the run's eval split)")
+    p.add_argument("--ignore-class-names", action="store_true", help="evaluate even when the data's class names differ from the model's (by position)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes of your own images under a run, a timm export or an ONNX export (CSV or JSON lines)",
+                       epilog="exit status: 0 when every image was predicted, 3 when some could not be read (one line each on stderr; "
+                              "the others are predicted), 2 on an error")
+    p.add_argument("model", metavar="RUN_OR_EXPORT", help="run folder, model.safetensors, checkpoint.pt, timm export folder or model.onnx")
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders (walked recursively), .tar/.tar.gz/.zip archives, "
+                   "or a Hugging Face dataset (saved DatasetDict or parquet folder; see --split)")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5, at most the number of classes)")
+    p.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="csv: path,label_1,probability_1,...; jsonl: one JSON object a line")
+    p.add_argument("--output", metavar="FILE", help="write here (default: standard output)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--split", default="test", help="split of a Hugging Face dataset input (default test)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("demo", help="offline demo on the digits shipped with scikit-learn (CPU, < 3 min)")
     p.add_argument("--output", default="runs/demo", help="folder for the three runs (default runs/demo)")

@@ -34,13 +34,20 @@ def load_trained(path: str | Path) -> tuple[VisionModel, dict | None]:
     return model, None
 
 
+def is_hf_folder(path: Path) -> bool:
+    """A Hugging Face dataset on disk: a saved ``DatasetDict`` or a folder of parquet files."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or next(path.rglob("*.parquet"), None) is not None)
+
+
 def data_config_for(recipe: dict | None, data: str | None, overrides: list[str]) -> DataConfig:
     """The run's data section, replaced by ``--data`` (a source name or a folder/archive)."""
     raw = dict((recipe or {}).get("data") or {})
     if data in ("digits", "cifar10", "cifar100"):
         raw = {"source": data}
     elif data is not None:
-        raw = {"source": "imagefolder", "root": data}
+        # another folder of the same kind of data: the run's split names (and HF columns) still apply
+        kept = {k: raw[k] for k in ("train_split", "eval_split", "image_column", "label_column", "source_size", "max_aspect", "cache_dir") if k in raw}
+        raw = {**kept, "source": "hf" if is_hf_folder(Path(data)) else "imagefolder", "root": data}
     tree = {"data": raw}
     for item in overrides:
         apply_override(tree, item if item.startswith("data.") else f"data.{item}")

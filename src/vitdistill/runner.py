@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .augment import Augmenter
-from .config import AugmentConfig, RunConfig, dump_config, to_dict
-from .config.parsing import parse_dataclass
+from .config import RunConfig, dump_config, to_dict
 from .config.paths import absolute_paths_in, with_absolute_paths
 from .data import ImageSource, open_source, open_splits
 from .device import DistEnv, setup_distributed
@@ -21,11 +23,12 @@ from .engine.curves import write_run_curves
 from .engine.metrics import format_summary
 from .errors import ConfigError, UserError
 from .formatting import format_duration
+from .inference import open_predictor
 from .models import VisionModel, build_model
 from .models.network import check_input_size
 from .objective import Objective
 from .rng import derive_seed
-from .run_folder import data_config_for, load_trained
+from .run_folder import data_config_for
 from .targets import Request, TeacherSource, source_class
 
 # Keys that may change when a run is resumed (everything else must match the checkpoint).
@@ -71,6 +74,20 @@ def check_resume_compatible(saved: dict, current: RunConfig) -> None:
             continue  # a key newer than the checkpoint, at its default: the run it describes is the same
         if old.get(key) != new.get(key):
             raise UserError(f"--resume: {key} was {old.get(key)!r} in the checkpoint but is {new.get(key)!r} now; resume with the same recipe")
+
+
+def check_resume_progress(state: dict, cfg: RunConfig) -> None:
+    """What ``--resume`` may change (``optim.epochs``, ``engine.*``) still describes the run that was
+    trained: fewer epochs than are complete would leave a checkpoint, weights and history of a
+    longer run under a config.yaml that says otherwise; EMA weights cannot start in the middle of
+    a run (the average would cover the resumed epochs only)."""
+    done = int(state["epoch"])
+    if state.get("budget_plan") is None and cfg.optim.epochs < done:
+        raise UserError(f"--resume: optim.epochs={cfg.optim.epochs} but {done} epochs are already complete; "
+                        f"resume with optim.epochs >= {done}, or train a new run (output=...)")
+    if cfg.engine.ema_decay is not None and state.get("ema") is None:
+        raise UserError(f"--resume: engine.ema_decay={cfg.engine.ema_decay} is new: the checkpoint has no EMA weights (trained without EMA), "
+                        "and an average started now would cover the resumed epochs only; train a new run with engine.ema_decay set")
 
 
 def build_trainer(cfg: RunConfig, env: DistEnv, output: Path, clock_start: float | None = None) -> Trainer:
@@ -122,6 +139,7 @@ def train(cfg: RunConfig, resume: bool = False) -> RunResult:
     if resume:  # refuse a changed recipe before spending time on the data
         state = load_checkpoint(checkpoint)
         check_resume_compatible(state["config"], cfg)
+        check_resume_progress(state, cfg)
     start = time.perf_counter()  # a time budget counts from here: data, model, compilation included
     trainer = build_trainer(cfg, env, output, start)
     if state is not None:
@@ -130,16 +148,55 @@ def train(cfg: RunConfig, resume: bool = False) -> RunResult:
     if env.is_main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(dump_config(cfg))
-        print(f"vitdistill: {cfg.name}: {describe_source(source)} -> {output}")
-        for line in describe_skipped(source, trainer.eval_views.source):
-            print(f"vitdistill: {line}")
-    history = trainer.fit()
-    wall = time.perf_counter() - start
-    if env.is_main:
-        write_summary(cfg, output, history, wall, skipped_files(source, trainer.eval_views.source), budget_report(trainer, wall))
-        write_run_curves(output, history, cfg.name)  # curves.png
+    with logged_stdout(output / "run.log" if env.is_main else None):
+        if env.is_main:
+            print(f"vitdistill: {cfg.name}: {describe_source(source)} -> {output}")
+            for line in describe_skipped(source, trainer.eval_views.source):
+                print(f"vitdistill: {line}")
+        history = trainer.fit()
+        wall = time.perf_counter() - start
+        if env.is_main:
+            write_summary(cfg, output, history, wall, skipped_files(source, trainer.eval_views.source), budget_report(trainer, wall))
+            write_run_curves(output, history, cfg.name)  # curves.png
     parameters = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunResult(output=output, history=history, wall_time_s=wall, parameters=parameters)
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the terminal's stream and to a log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.log.flush()  # a run killed later keeps what it printed
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+@contextmanager
+def logged_stdout(path: Path | None):
+    """What the run prints on standard output also goes to ``path`` (``run.log`` in the run
+    folder, appended to by a resumed run); nothing when None (ranks other than 0)."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as log:
+        original = sys.stdout
+        sys.stdout = _Tee(original, log)
+        try:
+            yield
+        finally:
+            sys.stdout = original
 
 
 def budget_report(trainer: Trainer, wall: float) -> dict | None:
@@ -182,20 +239,38 @@ def evaluate_checkpoint(
     overrides: list[str] | None = None,
     batch_size: int = 256,
     device: str = "auto",
+    ignore_class_names: bool = False,
 ) -> dict:
-    """Top-1/top-5 of a trained model on a split (default: the run's evaluation split)."""
-    model, recipe = load_trained(path)
-    data_cfg = data_config_for(recipe, data, list(overrides or []))
-    source = open_source(data_cfg, split or data_cfg.eval_split, data_cfg.eval_limit)
-    spec = model.spec
-    if spec.num_classes != source.num_classes:
-        raise UserError(f"eval: the model predicts {spec.num_classes} classes but {source.name} has {source.num_classes}")
+    """Top-1/top-5 of a trained model (a run, a timm export or an ONNX export) on a split (default:
+    the run's evaluation split). The data's class names must be the model's (``ignore_class_names``:
+    compare by position only)."""
     env = setup_distributed(device)
-    aug = parse_dataclass(AugmentConfig, (recipe or {}).get("augment") or {}, "augment")
-    aug.input_size = spec.input_size or aug.input_size
-    views = Augmenter(source, aug, 0, spec.mean or data_cfg.mean, spec.std or data_cfg.std, env.device)
-    metrics = evaluate(model.to(env.device), views, batch_size, env, show_progress=True)
-    return {"checkpoint": str(path), "model": spec.name, "data": source.name, "images": len(source), **metrics}
+    predictor = open_predictor(path, env.device)
+    data_cfg = data_config_for(predictor.recipe, data, list(overrides or []))
+    source = open_source(data_cfg, split or data_cfg.eval_split, data_cfg.eval_limit)
+    if predictor.has_class_names and not ignore_class_names:
+        check_class_names(predictor.classes, source.classes, source.name)
+    if predictor.num_classes != source.num_classes:
+        raise UserError(f"eval: the model predicts {predictor.num_classes} classes but {source.name} has {source.num_classes}")
+    views = Augmenter(source, predictor.augment_config(), 0, predictor.mean, predictor.std, env.device)
+    metrics = evaluate(predictor.module, views, batch_size, env, show_progress=True)
+    name = predictor.module.spec.name if isinstance(predictor.module, VisionModel) else predictor.kind
+    return {"checkpoint": str(path), "model": name, "data": source.name, "images": len(source), **metrics}
+
+
+def check_class_names(model_classes: list[str], data_classes: list[str], data_name: str) -> None:
+    """The data's classes are the model's, in the same order; else one line naming the difference."""
+    if model_classes == data_classes:
+        return
+    missing = [c for c in model_classes if c not in data_classes]
+    extra = [c for c in data_classes if c not in model_classes]
+    show = lambda names: ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")  # noqa: E731
+    parts = ([f"the model's {show(missing)} not in the data"] if missing else []) + ([f"the data's {show(extra)} unknown to the model"] if extra else [])
+    if not parts:
+        moved = [c for i, c in enumerate(data_classes) if model_classes[i] != c]
+        parts = [f"same names in another order ({show(moved)} moved)"]
+    raise UserError(f"eval: the classes of {data_name} are not the model's: {'; '.join(parts)} "
+                    "(pass --ignore-class-names to compare class by position anyway)")
 
 
 def skipped_files(*sources: ImageSource) -> dict:

@@ -13,7 +13,7 @@ from typing import Iterable
 from .augment.randaugment import check_rand_augment
 from .config import RunConfig, parse_config, read_recipe
 from .engine.optim import check_optimizer
-from .models.network import check_eval_head, check_model_names
+from .models.network import check_eval_head, check_model_names, check_patch_grid
 from .objective.base import check_objective
 from .targets.source import check_teacher
 
@@ -22,6 +22,7 @@ RECIPE_CHECKS = (
     check_rand_augment,  # augment.rand_augment is a policy the views can run
     check_model_names,  # model.name, teacher.name: timm models (ours registered)
     check_eval_head,  # model.eval_head: lvvit_aux has a per-token head to read
+    check_patch_grid,  # augment.input_size, model.img_size: whole patches (no pixel dropped)
     check_teacher,  # teacher: exactly one registered source chosen, its own keys and params valid
     check_objective,  # objective: known terms, valid parameters, a teacher when needed
     check_optimizer,  # optim.opt: an optimizer timm can build

@@ -87,9 +87,10 @@ def format_comparison(rows: Sequence[dict]) -> str:
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
 
+    names = [row["name"] for row in rows]
     table = [
         [
-            row["name"],
+            row["name"] if names.count(row["name"]) == 1 else f"{row['name']} ({row['run']})",  # one recipe, several runs: their folders
             row["model"] or "-",
             "-" if row["parameters"] is None else f"{row['parameters'] / 1e6:.2f}M",
             str(row["epochs"]),

@@ -52,22 +52,35 @@ def list_recipes() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+REPLACE = "_replace"  # `key: {_replace: true, ...}` in a recipe: this mapping replaces the base's instead of merging into it
+
+
 def deep_merge(base: dict, update: dict) -> dict:
-    """``update`` over ``base``: mappings merge key by key, anything else is replaced."""
+    """``update`` over ``base``: mappings merge key by key, anything else is replaced; a mapping
+    marked ``_replace: true`` replaces the base's whole (e.g. ``model.kwargs`` of another
+    architecture than the base's)."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and not value.get(REPLACE) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
+def without_markers(tree):
+    """The recipe with its ``_replace`` markers taken out (they only steer :func:`deep_merge`)."""
+    if isinstance(tree, dict):
+        return {k: without_markers(v) for k, v in tree.items() if k != REPLACE}
+    return tree
+
+
 def read_recipe(recipe: str, _seen: tuple[str, ...] = ()) -> dict:
     """The raw mapping of a packaged recipe name or a path to a YAML file.
 
     A recipe may start from another with ``base: <name or path>``; its keys override the
-    base's (mappings merge, lists are replaced).
+    base's (mappings merge, lists are replaced; a mapping with ``_replace: true`` replaces the
+    base's mapping whole).
     """
     path = Path(recipe)
     if recipe.endswith((".yaml", ".yml")) or path.exists():
@@ -95,7 +108,7 @@ def read_recipe(recipe: str, _seen: tuple[str, ...] = ()) -> dict:
         parent.pop("name", None)
         raw = deep_merge(parent, raw)
     raw.setdefault("name", default_name)
-    return raw
+    return raw if _seen else without_markers(raw)
 
 
 def parse_config(raw: dict, overrides: Iterable[str] = ()) -> RunConfig:

@@ -217,3 +217,10 @@ class _Inline:
     @staticmethod
     def map(fn, items, chunksize=1):
         return map(fn, items)
+
+
+def decode_image(item: str | bytes, shape: RecordShape) -> tuple[np.ndarray | None, tuple[int, int, int] | None, str | None]:
+    """One image (a path or its encoded bytes) exactly as the decode cache stores it: the record,
+    its true ``(height, width, transposed)`` and None, or ``(None, None, what went wrong)``.
+    What ``vitdistill predict`` reads single files with, so its pixels are the evaluation's."""
+    return _decode((item, shape))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..atomic import write_text_atomic
+from ..errors import RecipeWarning
 from ..formatting import format_table
 
 
@@ -41,8 +43,9 @@ class MetricsLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                pass
+            except ImportError:  # tensorboard is optional: say that nothing goes to tb/
+                warnings.warn("engine.tensorboard=true but tensorboard is not installed: no tb/ events are written "
+                              "(pip install 'vitdistill[tensorboard]'); metrics.csv has every value", RecipeWarning, stacklevel=2)
             else:
                 self.writer = SummaryWriter(str(output / "tb"), purge_step=start_epoch + 1)
 

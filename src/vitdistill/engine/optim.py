@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
@@ -79,12 +81,20 @@ def build_scheduler(optimizer, cfg: OptimConfig, steps_per_epoch: int, total_ste
     else:
         warmup = min(int(cfg.warmup_epochs / cfg.epochs * total), total - 1)
     warmup = max(warmup, 0)
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, total - warmup),
-        lr_min=cfg.min_lr,
-        warmup_t=warmup,
-        warmup_lr_init=cfg.warmup_lr,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    # timm warns that a cosine of one step "will have no effect": true and expected for a
+    # one-step schedule (a 1-epoch run of one batch), so its logger is quiet while it is built
+    timm_logger = logging.getLogger("timm.scheduler.cosine_lr")
+    level = timm_logger.level
+    timm_logger.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(
+            optimizer,
+            t_initial=max(1, total - warmup),
+            lr_min=cfg.min_lr,
+            warmup_t=warmup,
+            warmup_lr_init=cfg.warmup_lr,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+    finally:
+        timm_logger.setLevel(level)

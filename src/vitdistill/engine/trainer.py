@@ -294,9 +294,9 @@ def epoch_line(row: dict, epochs: int) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}"]
     if "eval_top1" in row:
         heads = [f"{h} {row[f'eval_top1_{h}']:.2f}" for h in ("cls", "dist") if f"eval_top1_{h}" in row]
-        parts.append(f"top1 {row['eval_top1']:.2f}" + (f" ({', '.join(heads)})" if heads else ""))
+        parts.append(f"eval top1 {row['eval_top1']:.2f}" + (f" ({', '.join(heads)})" if heads else ""))  # of the evaluation split
     if "ema_top1" in row:
-        parts.append(f"ema top1 {row['ema_top1']:.2f}")
+        parts.append(f"ema eval top1 {row['ema_top1']:.2f}")
     parts.append(f"{row['train_img_per_s']:,.0f} img/s")
     parts.append(format_duration(row["train_time_s"]))
     return "  ".join(parts)

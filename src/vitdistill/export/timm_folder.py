@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, follow_umask
 from ..models.weights import SPEC_KEY
 from .source import ExportSource, inference_backbone
 
@@ -53,4 +53,5 @@ def export_timm(source: ExportSource, output: str | Path) -> Path:
         with atomic_path(output / "model.safetensors", tag) as tmp_weights:
             state = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
             save_file(state, str(tmp_weights), metadata={SPEC_KEY: spec.to_json(), "format": "pt"})
+            follow_umask(tmp_weights)  # safetensors writes 0600; other run files follow the umask
     return output

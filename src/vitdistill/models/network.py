@@ -224,6 +224,33 @@ def check_eval_head(cfg) -> None:
         raise ConfigError("model.eval_head", f"lvvit_aux adds the per-token head's logits, but {model.name} has none: set model.token_head: true")
 
 
+def patch_size_of(model: ModelConfig) -> int | None:
+    """The patch size a ViT recipe asks for: ``model.patch_size``, ``model.kwargs.patch_size``, or
+    the ``patch<N>`` in a timm name (``deit_tiny_patch16_224``); None for models without patches."""
+    import re
+
+    if model.patch_size is not None:
+        return int(model.patch_size)
+    if isinstance(model.kwargs.get("patch_size"), int):
+        return int(model.kwargs["patch_size"])
+    found = re.search(r"patch(\d+)", model.name)
+    return int(found.group(1)) if found else None
+
+
+def check_patch_grid(cfg) -> None:
+    """Views (``augment.input_size``) and ``model.img_size`` tile into whole patches; else the
+    last rows and columns of every image would never reach the model (timm's patch embedding
+    drops them silently), so the recipe is refused before any data is read."""
+    patch = patch_size_of(cfg.model)
+    if not patch:
+        return
+    for key, size in (("augment.input_size", cfg.augment.input_size), ("model.img_size", cfg.model.img_size)):
+        if size is not None and size % patch:
+            lower, upper = size - size % patch, size - size % patch + patch
+            raise ConfigError(key, f"{size} is not a multiple of the patch size {patch}: the last {size % patch} rows and columns of every "
+                                   f"image would never reach the model; use {lower or upper} or {upper}")
+
+
 def create_backbone(spec: ModelSpec, drop_path: float = 0.0) -> nn.Module:
     kwargs = dict(spec.kwargs)
     if drop_path > 0:
@@ -236,7 +263,8 @@ def create_backbone(spec: ModelSpec, drop_path: float = 0.0) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, num_classes=spec.num_classes, **kwargs)
     except TypeError as err:
-        raise UserError(f"model: {spec.name} rejected its arguments {sorted(kwargs)}: {err}") from None
+        raise UserError(f"model: {spec.name} rejected its arguments {sorted(kwargs)}: {err} (a recipe's model.kwargs merge into its base's: "
+                        "write `kwargs: {_replace: true, ...}` to replace them)") from None
 
 
 def fixed_input_size(backbone: nn.Module) -> tuple[int, int] | None:
