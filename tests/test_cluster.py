@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,152 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     (tmp_path / LOCK_NAME).write_text(f"{os.uname().nodename} {os.getppid()}\n")  # alive
     with pytest.raises(UserError, match=f"process {os.getppid()}"), folder_lock(tmp_path):
         pass
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vitdistill", *args]
+
+
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "VITDISTILL_PROGRESS": "0"}
+
+
+def kill_at_position(cmd: list[str], checkpoint, position: int, steps: int) -> None:
+    """Start ``cmd`` and ``kill -9`` it once its checkpoint holds ``position`` steps or more."""
+    proc = subprocess.Popen(cmd, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seen = None
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            stamp = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
+            if stamp is not None and stamp != seen:
+                seen = stamp
+                state = torch.load(checkpoint, weights_only=False)
+                if state["epoch"] * steps + state["step"] >= position:
+                    proc.kill()
+                    break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_steps_then_resume_auto_equals_the_uninterrupted_run(tmp_path):
+    import random
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    every = ["engine.checkpoint_every=1"]
+    assert (
+        subprocess.run(
+            cli("train", "demo_student", *tiny_run(straight, *STUDENT, *every)), env=CLI_ENV, capture_output=True, check=False
+        ).returncode
+        == 0
+    )
+    cmd = cli("train", "demo_student", *tiny_run(killed, *STUDENT, *every), "--resume", "auto")
+    positions = sorted(random.Random(os.getpid()).sample(range(2, 15), 2))  # 16 steps in all (2 epochs of 8)
+    for position in positions:
+        kill_at_position(cmd, killed / "checkpoint.pt", position, 8)
+    state = torch.load(killed / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"]) != (2, 0), "the run finished before it was killed"
+    assert (killed / ".vitdistill.lock").exists()  # left by the killed process...
+    done = subprocess.run(cmd, env=CLI_ENV, capture_output=True, text=True, check=False)  # ...and taken over
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "vitdistill: resuming from" in done.stdout
+    assert_same_run(straight, killed)
+
+
+def test_labelmaps_stopped_by_a_signal_continue_at_the_next_batch_to_the_same_file(tmp_path, tiny_teacher, monkeypatch, capsys):
+    from vitdistill.labelmaps import maps
+
+    def argv(folder):
+        return [
+            "labelmaps",
+            "demo_student_distilled",
+            *tiny_run(
+                tmp_path / "unused", f"teacher.checkpoint={tiny_teacher}", f"labelmaps.path={folder}", "labelmaps.k=3", "engine.device=cpu"
+            ),
+        ]
+
+    assert main(argv(tmp_path / "straight")) == 0
+    original, calls = maps.whole_image_scores, {"n": 0}
+
+    def scores(teacher, source, index, *args):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the probe, then batches 1 and 2 are written; the signal comes before the 3rd
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(teacher, source, index, *args)
+
+    monkeypatch.setattr(maps, "whole_image_scores", scores)
+    out = tmp_path / "resumed"
+    capsys.readouterr()
+    assert main(argv(out)) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"vitdistill: stopped by SIGTERM after 2/8 batches (kept in labelmaps.bin.partial); checkpoint {out}"
+    )
+    assert not (out / "labelmaps.bin").exists() and not (out / ".vitdistill.lock").exists()
+    calls["n"] = 0
+    monkeypatch.setattr(maps, "whole_image_scores", lambda *a: (calls.__setitem__("n", calls["n"] + 1), original(*a))[1])
+    assert main(argv(out)) == 0
+    assert calls["n"] == 1 + 8 - 2  # the probe and the 6 batches not written
+    assert (out / "labelmaps.bin").read_bytes() == (tmp_path / "straight" / "labelmaps.bin").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "straight").iterdir())
+
+
+def session_processes(sid: int) -> list[int]:
+    """Processes still alive in session ``sid`` (a command started with start_new_session)."""
+    alive = []
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = Path(f"/proc/{stat}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # field 6 of stat: the session id
+                alive.append(int(stat))
+    return alive
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_while_decoding_leaves_no_temporary_file_and_no_worker(tmp_path, signum):
+    from PIL import Image
+
+    root, cache = tmp_path / "images", tmp_path / "cache"
+    noise = torch.Generator().manual_seed(0)
+    for split, count in (("train", 3000), ("val", 20)):
+        for i in range(count):
+            folder = root / split / f"c{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = torch.randint(0, 256, (96, 96, 3), generator=noise, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    cmd = cli(
+        "train",
+        "demo_student",
+        f"output={tmp_path / 'run'}",
+        "data.source=imagefolder",
+        f"data.root={root}",
+        f"data.cache_dir={cache}",
+        "engine.device=cpu",
+    )
+    proc = subprocess.Popen(cmd, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not [p for p in cache.rglob("*") if ".tmp" in p.name] and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        assert proc.poll() is None, "decoding ended before the signal"
+        proc.send_signal(signum)
+        assert proc.wait(60) == 128 + signum
+        err = proc.stderr.read().strip().splitlines()
+        assert (
+            err[-1]
+            == f"vitdistill: stopped by {signal.Signals(signum).name} before anything was saved; run the same command again to start over (exit {128 + signum})"
+        )
+        time.sleep(1)
+        assert session_processes(proc.pid) == []  # the decoding workers are gone with it
+        assert not [p for p in cache.rglob("*") if ".tmp" in p.name]
+    finally:
+        for pid in session_processes(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()

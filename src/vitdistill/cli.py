@@ -381,11 +381,12 @@ def preempted_line(stop, argv: list[str]) -> str:
     import shlex
 
     words = list(argv)
-    if "--resume" in words:
-        i = words.index("--resume")
-        del words[i : i + (2 if i + 1 < len(words) and words[i + 1] == "auto" else 1)]
-    words = [w for w in words if not w.startswith("--resume=")]
-    command = shlex.join(["vitdistill", *words, "--resume", "auto"])
+    if words[:1] == ["train"]:  # train continues with --resume auto; cache and labelmaps continue by themselves
+        if "--resume" in words:
+            i = words.index("--resume")
+            del words[i : i + (2 if i + 1 < len(words) and words[i + 1] == "auto" else 1)]
+        words = [w for w in words if not w.startswith("--resume=")] + ["--resume", "auto"]
+    command = shlex.join(["vitdistill", *words])
     return f"stopped by {stop.name} {stop.where}; checkpoint {stop.checkpoint}; continue with: {command} (exit {stop.exit_code})"
 
 

@@ -51,9 +51,11 @@ def _try_create(path: Path, text: str) -> bool:
 
 @contextmanager
 def folder_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
-    """Hold ``folder``'s lock inside the block (the folder is created); raise :class:`UserError`
+    """Hold ``folder``'s lock inside the block (the folder is created, and removed again if it is
+    still empty at the end); raise :class:`UserError`
     naming the other process when a live one holds it."""
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     host, pid = socket.gethostname(), os.getpid()
@@ -85,3 +87,8 @@ def folder_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
     finally:
         if _holder(path) == (host, pid):
             path.unlink(missing_ok=True)
+        if created:  # a run refused before writing anything leaves no empty folder behind
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
