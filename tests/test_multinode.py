@@ -171,3 +171,39 @@ def test_an_elastic_restart_resumes_and_finishes_with_the_same_weights(tmp_path)
     log = finish(procs)[0]
     assert "resuming from" in log  # the restarted group continued from the checkpoint
     assert_close_weights(tmp_path / "straight" / "model.safetensors", out / "model.safetensors", atol=0, rtol=0)
+
+
+def test_a_cache_under_torchrun_stopped_by_sigterm_continues_to_the_same_store(tmp_path, tiny_teacher):
+    def args(folder):
+        return [
+            "cache",
+            "demo_student_distilled",
+            *tiny_run(
+                tmp_path / "unused",
+                f"teacher.checkpoint={tiny_teacher}",
+                f"store.path={folder}",
+                "store.epochs=3",
+                "store.k=3",
+                "store.batch_size=8",
+                "engine.device=cpu",
+            ),
+        ]
+
+    finish(torchrun(1, 2, args(tmp_path / "straight")))
+    out = tmp_path / "stopped"
+    agent = torchrun(1, 2, args(out))[0]
+    deadline = time.time() + 300
+    while not (out / "epoch_0001.bin.partial").exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.02)
+    agent.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+    _, err = agent.communicate(timeout=120)
+    # one line from the first process: where it stopped, or (blocked in a collective when the other
+    # process stopped first) that it stopped while waiting for it
+    assert agent.returncode != 0 and "vitdistill: stopped by SIGTERM " in err, err[-3000:]
+    assert (out / "epoch_0001.bin.partial").exists() and not (out / "epoch_0001.bin").exists()
+    assert not list(out.glob("*.tmp*"))
+    finish(torchrun(1, 2, args(out)))
+    for epoch in range(3):
+        name = f"epoch_000{epoch}.bin"
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    assert not [p.name for p in out.iterdir() if "partial" in p.name or "lock" in p.name]

@@ -356,7 +356,7 @@ def _main(argv: list[str] | None = None) -> int:
         args.overrides, args.resume = [*args.overrides, args.resume], ""
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from .signals import Preempted, handle_signals
+    from .signals import Preempted, handle_signals, pending
 
     try:
         with handle_signals():
@@ -364,18 +364,31 @@ def _main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"vitdistill: error: {err}", file=sys.stderr)
         return 2
+    except Exception:
+        # Under torchrun a signal reaches every process; one blocked in a collective learns of it as
+        # the collective's failure when another process has stopped first.
+        if pending() is None:
+            raise
+        return report_preempted(Preempted(pending(), None, "while waiting for the other processes"), argv)
     except Preempted as stop:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, from the first process
-            print(f"vitdistill: {preempted_line(stop, argv if argv is not None else sys.argv[1:])}", file=sys.stderr, flush=True)
-        return stop.exit_code
+        return report_preempted(stop, argv)
     except KeyboardInterrupt:
         print("vitdistill: interrupted", file=sys.stderr)
         return 130
     return code or 0
 
 
+def report_preempted(stop, argv: list[str] | None) -> int:
+    """The one line of a stopped command (from the first process only, under torchrun); its exit code."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"vitdistill: {preempted_line(stop, argv if argv is not None else sys.argv[1:])}", file=sys.stderr, flush=True)
+    return stop.exit_code
+
+
 def preempted_line(stop, argv: list[str]) -> str:
     """Which signal stopped the command, where its checkpoint is, and the command that continues."""
+    if stop.checkpoint is None and stop.where is not None:
+        return f"stopped by {stop.name} {stop.where}; run the same command again to continue (exit {stop.exit_code})"
     if stop.checkpoint is None:
         return f"stopped by {stop.name} before anything was saved; run the same command again to start over (exit {stop.exit_code})"
     import shlex

@@ -54,6 +54,7 @@ def _handler(signum, frame) -> None:
     if _State.deferring and _State.pending is None:
         _State.pending = signum
         return
+    _State.pending = signum  # remembered: a collective this stop breaks in another process is explained by it
     raise Preempted(signum)
 
 
@@ -90,7 +91,7 @@ def deferred() -> Iterator[None]:
 
 
 def pending() -> int | None:
-    """The signal received while deferring, if any."""
+    """The signal received (while deferring: not yet acted on), if any."""
     return _State.pending
 
 
