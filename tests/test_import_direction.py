@@ -20,7 +20,7 @@ PACKAGE = ROOT / "src" / "vitdistill"
 # top-level module of vitdistill ("" is the package's own __init__).
 LAYERS: list[tuple[str, set[str]]] = [
     # the recipe schema and small helpers that anything may use
-    ("bottom", {"config", "errors", "rng", "device", "formatting", "atomic", "figures", "progress"}),
+    ("bottom", {"config", "errors", "rng", "device", "formatting", "atomic", "figures", "progress", "signals", "lock", "fill"}),
     ("data", {"data"}),  # sources, records, batching
     ("augment", {"augment"}),  # seeded views
     ("models", {"models"}),  # timm models behind one forward; below targets, which run teacher models

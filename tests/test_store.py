@@ -142,9 +142,19 @@ def test_interrupted_cache_resumes_to_the_same_store(store, tiny_teacher, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         write_store(cfg)
     assert Manifest.read(tmp_path / "store").complete_epochs() == [0]
-    assert not list((tmp_path / "store").glob("epoch_0001.bin*"))  # the partial epoch is neither listed nor left behind
-    monkeypatch.setattr(writer_module, "teacher_probs", original)
+    # the partial epoch is not listed; its file and the note of the 2 batches written are kept for the next run
+    assert sorted(p.name for p in (tmp_path / "store").glob("epoch_0001.bin*")) == ["epoch_0001.bin.partial", "epoch_0001.bin.partial.0of1"]
+    assert (tmp_path / "store" / "epoch_0001.bin.partial.0of1").read_text() == "batch32 2"
+    calls["n"] = 0
+
+    def count(teacher, views, index, epoch, *args):
+        calls["n"] += epoch == 1
+        return original(teacher, views, index, epoch, *args)
+
+    monkeypatch.setattr(writer_module, "teacher_probs", count)
     write_store(cfg)
+    assert calls["n"] == 8 - 2  # the epoch continued at its third batch
+    assert not [p.name for p in (tmp_path / "store").iterdir() if "partial" in p.name or ".tmp" in p.name]
     for name in ("epoch_0000.bin", "epoch_0001.bin"):
         assert (tmp_path / "store" / name).read_bytes() == (store[0] / name).read_bytes()
     assert Manifest.read(tmp_path / "store").epochs == Manifest.read(store[0]).epochs

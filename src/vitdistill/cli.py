@@ -16,6 +16,7 @@ EPILOG = """examples:
   vitdistill train cnn_teacher_cifar10 data.root=../shared/datasets/cifar10-jpg.tar.gz
   vitdistill train deit_tiny_distilled_cifar10 optim.epochs=300 optim.lr=1e-3
   vitdistill train my_recipe.yaml --resume
+  vitdistill train my_recipe.yaml --resume auto      (a job's first start and every requeue)
   vitdistill eval runs/deit_tiny_distilled_cifar10 --json eval.json
   vitdistill export runs/deit_tiny_distilled_cifar10 --format onnx
   vitdistill predict runs/deit_tiny_distilled_cifar10 photos/ --top-k 3 --output predictions.csv
@@ -43,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     overrides = _split_overrides(args.overrides) + ([f"optim.budget={args.budget}"] if args.budget else [])
     cfg = load_recipe(args.recipe, overrides)
-    train(cfg, resume=args.resume)
+    train(cfg, resume={None: False, "": True}.get(args.resume, args.resume))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -230,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (teacher or student) from a recipe")
     p.add_argument("recipe", help="packaged recipe name (see `vitdistill recipes`) or a .yaml path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-4 data.root=/data/imagenet")
-    p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
+    p.add_argument("--resume", nargs="?", const="", metavar="auto",
+                   help="continue from <output>/checkpoint.pt (an error when there is none); --resume auto: continue when it exists, start otherwise")
     p.add_argument("--budget", metavar="TIME", help="train as many steps as fit in TIME (e.g. 8m, 90s, 1h30m; = optim.budget)")
     p.set_defaults(fn=cmd_train)
 
@@ -389,17 +391,57 @@ def _main(argv: list[str] | None = None) -> int:
     stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if getattr(args, "resume", None) not in (None, "", "auto"):  # `--resume key=value`: an override after a bare --resume
+        if "=" not in args.resume:
+            parser.error(f"--resume takes nothing or 'auto', got {args.resume!r}")
+        args.overrides, args.resume = [*args.overrides, args.resume], ""
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from .signals import Preempted, handle_signals, pending
+
     try:
-        code = args.fn(args)
+        with handle_signals():
+            code = args.fn(args)
     except UserError as err:
         print(f"vitdistill: error: {err}", file=sys.stderr)
         return 2
+    except Exception:
+        # Under torchrun a signal reaches every process; one blocked in a collective learns of it as
+        # the collective's failure when another process has stopped first.
+        if pending() is None:
+            raise
+        return report_preempted(Preempted(pending(), None, "while waiting for the other processes"), argv)
+    except Preempted as stop:
+        return report_preempted(stop, argv)
     except KeyboardInterrupt:
-        print("vitdistill: interrupted (completed epochs are in the run's checkpoint.pt; continue with --resume)", file=sys.stderr)
+        print("vitdistill: interrupted", file=sys.stderr)
         return 130
     return code or 0
+
+
+def report_preempted(stop, argv: list[str] | None) -> int:
+    """The one line of a stopped command (from the first process only, under torchrun); its exit code."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"vitdistill: {preempted_line(stop, argv if argv is not None else sys.argv[1:])}", file=sys.stderr, flush=True)
+    return stop.exit_code
+
+
+def preempted_line(stop, argv: list[str]) -> str:
+    """Which signal stopped the command, where its checkpoint is, and the command that continues."""
+    if stop.checkpoint is None and stop.where is not None:
+        return f"stopped by {stop.name} {stop.where}; run the same command again to continue (exit {stop.exit_code})"
+    if stop.checkpoint is None:
+        return f"stopped by {stop.name} before anything was saved; run the same command again to start over (exit {stop.exit_code})"
+    import shlex
+
+    words = list(argv)
+    if words[:1] == ["train"]:  # train continues with --resume auto; cache and labelmaps continue by themselves
+        if "--resume" in words:
+            i = words.index("--resume")
+            del words[i : i + (2 if i + 1 < len(words) and words[i + 1] == "auto" else 1)]
+        words = [w for w in words if not w.startswith("--resume=")] + ["--resume", "auto"]
+    command = shlex.join(["vitdistill", *words])
+    return f"stopped by {stop.name} {stop.where}; checkpoint {stop.checkpoint}; continue with: {command} (exit {stop.exit_code})"
 
 
 if __name__ == "__main__":

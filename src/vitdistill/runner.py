@@ -6,12 +6,13 @@ import io
 import json
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .atomic import write_text_atomic
 from .augment import Augmenter
 from .config import RunConfig, dump_config, to_dict
 from .config.paths import absolute_paths_in, with_absolute_paths
@@ -24,11 +25,13 @@ from .engine.metrics import format_summary
 from .errors import ConfigError, UserError
 from .formatting import format_duration
 from .inference import open_predictor
+from .lock import folder_lock
 from .models import VisionModel, build_model
 from .models.network import check_input_size
 from .objective import Objective
 from .rng import derive_seed
 from .run_folder import data_config_for
+from .signals import handle_signals
 from .targets import Request, TeacherSource, source_class
 
 # Keys that may change when a run is resumed (everything else must match the checkpoint).
@@ -125,11 +128,26 @@ def build_targets(
     return source_class(cfg.teacher).build(cfg, source, request, env.device)
 
 
-def train(cfg: RunConfig, resume: bool = False) -> RunResult:
-    """Train the recipe's model; with ``resume`` continue from ``<output>/checkpoint.pt``."""
-    env = setup_distributed(cfg.engine.device)
-    output = Path(cfg.output_dir)
+def train(cfg: RunConfig, resume: bool | str = False) -> RunResult:
+    """Train the recipe's model; with ``resume`` continue from ``<output>/checkpoint.pt`` (which
+    must exist); with ``resume="auto"`` continue when it exists and start otherwise (one command
+    for a job's first start and every requeue).
+
+    One run per output folder (a lock, see :mod:`vitdistill.lock`). SIGTERM, SIGUSR1 and SIGINT
+    end the run at a step boundary with a checkpoint (:class:`vitdistill.signals.Preempted`)."""
+    if resume not in (True, False, "auto"):
+        raise UserError(f"--resume: expected nothing or 'auto', got {resume!r}")
+    with handle_signals():
+        env = setup_distributed(cfg.engine.device)
+        output = Path(cfg.output_dir)
+        with folder_lock(output, "run") if env.is_main else nullcontext():
+            return _train(cfg, resume, env, output)
+
+
+def _train(cfg: RunConfig, resume: bool | str, env: DistEnv, output: Path) -> RunResult:
     checkpoint = output / "checkpoint.pt"
+    if resume == "auto":
+        resume = checkpoint.is_file()
     if resume and not checkpoint.is_file():
         raise UserError(f"--resume: {checkpoint} does not exist")
     if not resume and checkpoint.is_file():
@@ -147,10 +165,13 @@ def train(cfg: RunConfig, resume: bool = False) -> RunResult:
     source = trainer.train_views.source
     if env.is_main:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "config.yaml").write_text(dump_config(cfg))
+        write_text_atomic(output / "config.yaml", dump_config(cfg))
     with logged_stdout(output / "run.log" if env.is_main else None):
         if env.is_main:
             print(f"vitdistill: {cfg.name}: {describe_source(source)} -> {output}")
+            if state is not None:
+                at = f"in epoch {state['epoch'] + 1} at step {state['step']}/{trainer.steps}" if state.get("step") else f"after epoch {state['epoch']}"
+                print(f"vitdistill: resuming from {checkpoint} {at}")
             for line in describe_skipped(source, trainer.eval_views.source):
                 print(f"vitdistill: {line}")
         history = trainer.fit()

@@ -249,11 +249,18 @@ class EngineConfig:
     eval_batch_size: int | None = None
     nan_policy: Literal["stop", "skip_step"] = "stop"  # a non-finite loss: stop the run, or skip that update
     max_skipped_steps: int = 10  # skip_step: stop after this many skipped updates
+    # also checkpoint inside epochs: every N steps (an integer) or every period of time ("20m"); None: at epochs' ends only
+    checkpoint_every: int | str | None = None
 
     def validate(self, key: str) -> None:
         _check(DEVICE_PATTERN.fullmatch(self.device) is not None, _join(key, "device"), f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.eval_every >= 1, _join(key, "eval_every"), "must be >= 1")
         _check(self.max_skipped_steps >= 0, _join(key, "max_skipped_steps"), "must be >= 0")
+        every = self.checkpoint_every
+        if isinstance(every, int) and not isinstance(every, bool):
+            _check(every >= 1, _join(key, "checkpoint_every"), "must be >= 1 steps (or a time such as 20m)")
+        elif every is not None:
+            parse_duration(every, _join(key, "checkpoint_every"))
         e = self.ema_decay
         _check(e is None or 0 < e < 1, _join(key, "ema_decay"), "must be in (0, 1)")
 

@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import signals
 from ..augment import Augmenter, ViewBatch
 from ..config import RunConfig, to_dict
+from ..config.parsing import parse_duration
 from ..data import steps_per_epoch, train_batches
 from ..device import DistEnv, all_reduce_sum, autocast, barrier
 from ..formatting import format_duration
@@ -23,6 +26,7 @@ from ..models import VisionModel, export_model
 from ..objective import Objective
 from ..progress import progress_bar
 from ..rng import derive_seed
+from ..signals import Preempted
 from ..targets import TeacherFn, TeacherPrediction
 from .budget import Budget, BudgetPlan
 from .checkpoint import CHECKPOINT_FORMAT, save_atomic
@@ -52,7 +56,14 @@ class TrainStep(nn.Module):
 
 
 class Trainer:
-    """Runs ``cfg.optim.epochs`` epochs: train, evaluate, checkpoint (atomically), log."""
+    """Runs ``cfg.optim.epochs`` epochs: train, evaluate, checkpoint (atomically), log.
+
+    A checkpoint records a position, (epoch, step in the epoch): at each epoch's end, every
+    ``engine.checkpoint_every`` (steps or a time) inside epochs, and at the step boundary where a
+    preemption signal stopped the run (:mod:`vitdistill.signals`). The permutation and every view
+    are functions of (seed, epoch, index), so resuming inside an epoch continues exactly: what the
+    checkpoint adds is each process's dropout generator and the epoch's partial metrics.
+    """
 
     def __init__(
         self,
@@ -96,13 +107,22 @@ class Trainer:
                                  self.total_steps, self.probe_costs)
         self.num_updates = 0
         self.start_epoch = 0
+        self.start_step = 0  # a checkpoint written inside an epoch: the steps of start_epoch already done
+        self.resume_partial: list[dict] | None = None  # ...and each process's state at that step
         self.history: list[dict] = []
+        self.checkpoint_path = output / "checkpoint.pt"
+        self.every_steps, self.every_s = checkpoint_interval(cfg.engine.checkpoint_every)
+        self.last_save = (0, time.perf_counter())  # (global step, time) of the last checkpoint
 
     # ---------------------------------------------------------------- checkpoint state
-    def state_dict(self, epochs_done: int) -> dict:
+    def state_dict(self, epochs_done: int, step: int = 0, partial: list[dict] | None = None) -> dict:
+        """The run at position (``epochs_done``, ``step``): ``step`` steps of the next epoch are done,
+        and ``partial`` holds each process's state inside it (see :meth:`partial_state`)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": epochs_done,
+            "step": step,
+            "partial": partial,
             "num_updates": self.num_updates,
             "model": self.model.state_dict(),
             "objective": self.objective.state_dict(),
@@ -123,6 +143,8 @@ class Trainer:
             self.ema.module.load_state_dict(state["ema"])
         self.num_updates = state["num_updates"]
         self.start_epoch = state["epoch"]
+        self.start_step = state.get("step", 0)
+        self.resume_partial = state.get("partial")
         self.history = list(state["history"])
         if self.budget is not None and state.get("budget_plan") is not None:  # a budgeted run keeps its plan
             self.apply_plan(self.budget.load_state_dict(state["budget_plan"]))
@@ -132,36 +154,13 @@ class Trainer:
     def fit(self) -> list[dict]:
         cfg, env = self.cfg, self.env
         log = MetricsLog(self.output, cfg.engine.tensorboard, self.start_epoch) if env.is_main else None
-        bar = progress_bar(self.total_steps, self.start_epoch * self.steps, cfg.name, cfg.engine.progress and env.is_main)
+        bar = progress_bar(self.total_steps, self.start_epoch * self.steps + self.start_step, cfg.name, cfg.engine.progress and env.is_main)
         epoch = self.start_epoch
+        signals.clear()
+        self.last_save = (self.start_epoch * self.steps + self.start_step, time.perf_counter())
         try:
-            while epoch * self.steps < self.total_steps:  # a budgeted schedule may end inside an epoch
-                epoch_began = time.perf_counter()
-                bar.set_description_str(f"{cfg.name} {epoch + 1}/{self.epochs}")
-                row = {"epoch": epoch + 1, **self.train_epoch(epoch, bar)}
-                # Nothing non-finite is ever saved: the previous checkpoint stays the last good one.
-                check_finite_state(epoch, self.model, self.objective, self.ema)
-                last = (epoch + 1) * self.steps >= self.total_steps
-                eval_s = None
-                if (epoch + 1) % cfg.engine.eval_every == 0 or last:
-                    began = time.perf_counter()
-                    row.update(self.evaluate_all())
-                    eval_s = time.perf_counter() - began
-                self.history.append(row)
-                if env.is_main:
-                    save_atomic(self.state_dict(epoch + 1), self.output / "checkpoint.pt")
-                    log.write(self.history)
-                    bar.write(epoch_line(row, self.epochs))
-                barrier(env)
-                if self.budget is not None and not last:
-                    epoch_s = time.perf_counter() - epoch_began
-                    plan = self.budget.end_epoch((epoch + 1) * self.steps, row["train_steps"], row["train_time_s"], eval_s, epoch_s)
-                    if plan is not None:
-                        self.apply_plan(plan, bar)
-                        if env.is_main:  # the plan is saved with the epoch: a resumed run keeps it
-                            save_atomic(self.state_dict(epoch + 1), self.output / "checkpoint.pt")
-                        barrier(env)
-                epoch += 1
+            with signals.deferred():  # a signal ends the run at a step boundary, with a checkpoint
+                self.fit_epochs(epoch, bar, log)
         finally:
             bar.close()
             if log is not None:
@@ -171,6 +170,39 @@ class Trainer:
             if self.ema is not None:
                 export_model(self.ema.module, self.output / "model_ema.safetensors")
         return self.history
+
+    def fit_epochs(self, epoch: int, bar, log: MetricsLog | None) -> None:
+        cfg, env = self.cfg, self.env
+        while epoch * self.steps < self.total_steps:  # a budgeted schedule may end inside an epoch
+            epoch_began = time.perf_counter()
+            bar.set_description_str(f"{cfg.name} {epoch + 1}/{self.epochs}")
+            row = {"epoch": epoch + 1, **self.train_epoch(epoch, bar)}
+            # Nothing non-finite is ever saved: the previous checkpoint stays the last good one.
+            check_finite_state(epoch, self.model, self.objective, self.ema)
+            last = (epoch + 1) * self.steps >= self.total_steps
+            eval_s = None
+            if (epoch + 1) % cfg.engine.eval_every == 0 or last:
+                began = time.perf_counter()
+                row.update(self.evaluate_all())
+                eval_s = time.perf_counter() - began
+            self.history.append(row)
+            if env.is_main:
+                save_atomic(self.state_dict(epoch + 1), self.checkpoint_path)
+                log.write(self.history)
+                bar.write(epoch_line(row, self.epochs))
+            barrier(env)
+            self.last_save = ((epoch + 1) * self.steps, time.perf_counter())
+            if self.budget is not None and not last:
+                epoch_s = time.perf_counter() - epoch_began
+                plan = self.budget.end_epoch((epoch + 1) * self.steps, row["train_steps"], row["train_time_s"], eval_s, epoch_s)
+                if plan is not None:
+                    self.apply_plan(plan, bar)
+                    if env.is_main:  # the plan is saved with the epoch: a resumed run keeps it
+                        save_atomic(self.state_dict(epoch + 1), self.checkpoint_path)
+                    barrier(env)
+            if not last and (signum := self.poll(due=False)[0]):
+                raise Preempted(signum, self.checkpoint_path, f"after epoch {epoch + 1}")
+            epoch += 1
 
     @property
     def epochs(self) -> int:
@@ -218,7 +250,23 @@ class Trainer:
         start = time.perf_counter()
         first = epoch * self.steps
         step_count = 0
-        for step, batch in enumerate(self.train_views.train_batches(batches, epoch)):
+        begin = 0
+        if self.resume_partial is not None and epoch == self.start_epoch and self.start_step > 0:
+            # Inside the epoch: the same batches from the saved step on, this process's generator
+            # and partial sums as they were (see partial_state).
+            begin = self.start_step
+            mine = self.resume_partial[env.rank] if len(self.resume_partial) == env.world else None
+            if mine is None:  # another number of processes: their generators cannot be matched
+                torch.manual_seed(derive_seed(cfg.seed, epoch, begin, env.rank, "torch"))
+            else:
+                torch.set_rng_state(mine["rng"])
+                if mine.get("cuda_rng") is not None and env.device.type == "cuda":
+                    torch.cuda.set_rng_state(mine["cuda_rng"], env.device)
+                sums = {k: v.to(env.device) for k, v in mine["sums"].items()}
+                images, updates, step_count, guard.skipped = mine["images"], mine["updates"], mine["step_count"], mine["skipped"]
+                start -= mine["elapsed"]
+            self.resume_partial = None
+        for step, batch in enumerate(self.train_views.train_batches(batches[begin:], epoch), start=begin):
             if first + step >= self.total_steps:
                 break
             step_count += 1
@@ -241,6 +289,14 @@ class Trainer:
                 rate = images * env.world / max(time.perf_counter() - start, 1e-9)
                 mean = float(sums["loss"]) / max(updates, 1) if sums else float("nan")
                 bar.set_postfix_str(f"loss {mean:.4f}  lr {self.lr:.2e}  {rate:,.0f} img/s")
+            if not last_step and first + step + 1 < self.total_steps:
+                signum, due = self.poll(due=self.checkpoint_due(first + step + 1))
+                if signum or due:
+                    partial = {"sums": sums, "images": images, "updates": updates, "step_count": step_count, "skipped": guard.skipped,
+                               "elapsed": time.perf_counter() - start}
+                    self.save_inside(epoch, step + 1, partial)
+                if signum:
+                    raise Preempted(signum, self.checkpoint_path, f"epoch {epoch + 1}, step {step + 1}/{self.steps}")
         sync_device(env.device)
         elapsed = time.perf_counter() - start
         names = list(sums)
@@ -250,6 +306,42 @@ class Trainer:
         if cfg.engine.nan_policy == "skip_step":
             stats["train_skipped_steps"] = guard.skipped
         return stats
+
+    # ---------------------------------------------------------------- checkpoints inside epochs, signals
+    def checkpoint_due(self, global_step: int) -> bool:
+        """``engine.checkpoint_every`` has passed since the last checkpoint (in steps or seconds)."""
+        steps, seconds = self.every_steps, self.every_s
+        if steps is not None and global_step - self.last_save[0] >= steps:
+            return True
+        return seconds is not None and time.perf_counter() - self.last_save[1] >= seconds
+
+    def poll(self, due: bool) -> tuple[int, bool]:
+        """(the pending signal or 0, whether a checkpoint is due), agreed by all processes: a
+        signal or a clock seen by one process stops or saves them all at the same step. With
+        several processes this is one small all-reduce per step."""
+        signum = signals.pending() or 0
+        if self.env.world == 1:
+            return signum, due
+        flags = torch.tensor([signum, int(due)], dtype=torch.int64, device=self.env.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, due = (int(v) for v in flags.tolist())
+        return signum, bool(due)
+
+    def save_inside(self, epoch: int, step: int, partial: dict) -> None:
+        """A checkpoint at ``step`` steps into ``epoch``: the run's state plus each process's
+        generator and partial sums (gathered to the main process). Nothing non-finite is saved."""
+        self.guard.check(epoch)
+        check_finite_state(epoch, self.model, self.objective, self.ema)
+        mine = {**partial, "sums": {k: v.detach().cpu() for k, v in partial["sums"].items()}, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.env.device) if self.env.device.type == "cuda" else None}
+        every: list = [mine]
+        if self.env.world > 1:
+            every = [None] * self.env.world
+            dist.all_gather_object(every, mine)
+        if self.env.is_main:
+            save_atomic(self.state_dict(epoch, step, every), self.checkpoint_path)
+        barrier(self.env)
+        self.last_save = (epoch * self.steps + step, time.perf_counter())
 
     def train_step(self, batch: ViewBatch, epoch: int = 0, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """One update on one batch of views: teacher, forward, objective, backward, step, EMA.
@@ -288,6 +380,15 @@ class Trainer:
             ema = evaluate(self.ema.module, self.eval_views, batch_size, self.env, engine.precision)
             row.update({f"ema_{k}": v for k, v in ema.items()})
         return row
+
+
+def checkpoint_interval(every: str | int | None) -> tuple[int | None, float | None]:
+    """``engine.checkpoint_every`` as (steps, seconds): an integer is steps, a time (``20m``) seconds."""
+    if every is None:
+        return None, None
+    if isinstance(every, int) or (isinstance(every, str) and every.strip().isdigit()):
+        return int(every), None
+    return None, parse_duration(every, "engine.checkpoint_every")
 
 
 def epoch_line(row: dict, epochs: int) -> str:

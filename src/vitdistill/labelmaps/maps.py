@@ -14,6 +14,7 @@ The format on disk is :mod:`vitdistill.targets.labelmap_format`; its reader, a t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -21,13 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, write_text_atomic
+from .. import fill
+from ..atomic import write_text_atomic
 from ..config import RunConfig
 from ..config.paths import with_absolute_paths
 from ..data import ImageSource
 from ..device import autocast, resolve_device
 from ..errors import UserError
+from ..lock import folder_lock
 from ..progress import progress
+from ..signals import Preempted
 from ..targets import OnlineTeacher
 from ..targets.labelmap_format import MANIFEST, RECORDS, LabelMapManifest, map_dtype
 from ..targets.offline import file_sha256, prepare_teacher_run, teacher_identity
@@ -57,6 +61,37 @@ def whole_image_scores(teacher: OnlineTeacher, source: ImageSource, index: torch
         return dense_scores(teacher, (images - mean_t) / std_t).float()
 
 
+def fill_records(target: Path, cfg: RunConfig, source: ImageSource, teacher: OnlineTeacher, k: int, dtype: np.dtype, batch: int, device,
+                 precision: str) -> None:
+    """Every image's top-k maps into ``target``, batch by batch; an interrupted run (a signal,
+    ``kill -9``) continues at the first batch not noted as written (:mod:`vitdistill.fill`), and
+    the file equals an uninterrupted run's byte for byte."""
+    # what a batch holds: its images, the teacher's output kept (k, grid, dtype) and the teacher itself
+    data = hashlib.sha256(json.dumps(source.fingerprint(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = f"batch{batch}-k{k}-{dtype.itemsize}-{data}-{teacher_identity(cfg, teacher)['weights_sha256'][:16]}-{precision}"
+    partial = fill.partial_path(target)
+    done = fill.chunks_done(target, key)
+    if done == 0:
+        fill.discard(target)
+        np.memmap(partial, dtype=dtype, mode="w+", shape=(len(source),)).flush()
+    records = np.memmap(partial, dtype=dtype, mode="r+", shape=(len(source),))
+    starts = range(0, len(source), batch)
+    note = fill.Progress(target, key, records.flush, done=done)
+    try:
+        for first in progress(starts[done:], total=len(starts) - done, desc=f"label maps {target.parent.name}", enabled=cfg.engine.progress):
+            index = torch.arange(first, min(first + batch, len(source)))
+            scores, ids = whole_image_scores(teacher, source, index, cfg.data.mean, cfg.data.std, device, precision).topk(k, dim=1)
+            records["ids"][first : first + len(index)] = ids.permute(0, 2, 3, 1).to(torch.int32).cpu().numpy()
+            records["scores"][first : first + len(index)] = scores.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
+            note.step()
+    except Preempted as stop:
+        raise Preempted(stop.signum, target.parent, f"after {note.done}/{len(starts)} batches (kept in {partial.name})") from None
+    finally:  # also on a signal: what is written is kept for the next run
+        note.save()
+        del records
+    fill.finish(target)
+
+
 def write_label_maps(cfg: RunConfig) -> Path:
     """Compute and store the label maps of every training image (``cfg.labelmaps``)."""
     cfg = with_absolute_paths(cfg)
@@ -66,19 +101,10 @@ def write_label_maps(cfg: RunConfig) -> Path:
     probe = whole_image_scores(teacher, source, torch.arange(1), cfg.data.mean, cfg.data.std, device, precision)
     grid = list(probe.shape[-2:])
     dtype = map_dtype(k, grid[0], grid[1], source.num_classes)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MANIFEST).unlink(missing_ok=True)  # old maps, if any, are no longer described
-    with atomic_path(folder / RECORDS) as tmp:
-        records = np.memmap(tmp, dtype=dtype, mode="w+", shape=(len(source),))
+    with folder_lock(folder, "labelmaps"):
+        (folder / MANIFEST).unlink(missing_ok=True)  # old maps, if any, are no longer described
         batch = cfg.labelmaps.batch_size or cfg.optim.batch_size
-        starts = range(0, len(source), batch)
-        for first in progress(starts, total=len(starts), desc=f"label maps {folder.name}", enabled=cfg.engine.progress):
-            index = torch.arange(first, min(first + batch, len(source)))
-            scores, ids = whole_image_scores(teacher, source, index, cfg.data.mean, cfg.data.std, device, precision).topk(k, dim=1)
-            records["ids"][first : first + len(index)] = ids.permute(0, 2, 3, 1).to(torch.int32).cpu().numpy()
-            records["scores"][first : first + len(index)] = scores.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
-        records.flush()
-        del records
+        fill_records(folder / RECORDS, cfg, source, teacher, k, dtype, batch, device, precision)
     manifest = LabelMapManifest(
         k=k,
         grid=grid,

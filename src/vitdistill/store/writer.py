@@ -1,8 +1,10 @@
 """``vitdistill cache``: run the teacher once per epoch on the exact training views, keep top-k.
 
-Each epoch is written to a temporary file (pre-sized; every process writes its own contiguous
-range of sample indices), checksummed and renamed, then the manifest lists it. An interrupted
-run resumes at the first epoch not in the manifest; a partial epoch is redone.
+Each epoch is written to a partial file (pre-sized; every process writes its own contiguous
+range of sample indices, batch by batch), checksummed and renamed, then the manifest lists it.
+An interrupted run (a signal, ``kill -9``) resumes at the first epoch not in the manifest, and
+inside it at the first batch its process had not noted as written (:mod:`vitdistill.fill`); the
+resumed store equals an uninterrupted one byte for byte (same processes, same batch size).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, temp_path
+from .. import fill
 from ..augment import Augmenter
 from ..config import RunConfig, to_dict
 from ..config.paths import with_absolute_paths
@@ -22,7 +24,9 @@ from ..data import epoch_order
 from ..device import DistEnv, autocast, barrier, setup_distributed
 from ..errors import UserError
 from ..formatting import format_duration
+from ..lock import folder_lock
 from ..progress import progress_bar
+from ..signals import Preempted
 from ..targets import OnlineTeacher
 from ..targets.offline import file_sha256, first_difference, prepare_teacher_run, teacher_identity
 from ..targets.store_format import Manifest, augment_fingerprint, damaged_epochs, damaged_reason, epoch_file, topk_records
@@ -69,10 +73,16 @@ def teacher_probs(teacher: OnlineTeacher, views: Augmenter, index: torch.Tensor,
 
 
 def write_store(cfg: RunConfig) -> Path:
-    """Write (or complete) the store of ``cfg.store.path``; returns its folder."""
+    """Write (or complete) the store of ``cfg.store.path``; returns its folder. One writer per
+    store (a lock); a signal stops it keeping the batches written (:class:`Preempted` says where)."""
     cfg = with_absolute_paths(cfg)  # the manifest's recipe must work from any folder (verify)
     env = setup_distributed(cfg.engine.device)
     folder, source, teacher, precision = prepare_teacher_run(cfg, cfg.store.path, "store.path", env.device, cfg.augment.input_size)
+    with folder_lock(folder, "cache") if env.is_main else nullcontext():
+        return _write_store(cfg, env, folder, source, teacher, precision)
+
+
+def _write_store(cfg: RunConfig, env: DistEnv, folder: Path, source, teacher: OnlineTeacher, precision: str) -> Path:
     views = Augmenter(source, cfg.augment, cfg.seed, cfg.data.mean, cfg.data.std, env.device, cfg.data.placement, cfg.data.workers)
     manifest = new_manifest(cfg, source, teacher, precision)
     if (folder / "manifest.json").is_file():
@@ -93,24 +103,36 @@ def write_store(cfg: RunConfig) -> Path:
     steps = -(-(stop - start) // batch_size)
     bar = progress_bar(len(todo) * steps, 0, f"caching {folder.name}", cfg.engine.progress and env.is_main, unit="batch")
     began = time.perf_counter()
+    key = f"batch{batch_size}"  # what a chunk holds: this process's next batch_size views
     for epoch in todo:
         target = folder / epoch_file(epoch)
-        # every process fills its range of one shared temporary file; the main process renames it
-        with atomic_path(target) if env.is_main else nullcontext(temp_path(target)) as tmp:
-            if env.is_main:
-                np.memmap(tmp, dtype=manifest.dtype, mode="w+", shape=(manifest.records,)).flush()
-            barrier(env)
-            records = np.memmap(tmp, dtype=manifest.dtype, mode="r+", shape=(manifest.records,))
-            keys = epoch_order(n, views.rng, epoch, manifest.repeats).sort().values  # the epoch's views (all of 0..n-1 without repeats)
-            for first in range(start, stop, batch_size):
+        partial = fill.partial_path(target)
+        # every process fills its range of one shared partial file; the main process renames it
+        if env.is_main and not partial.is_file():
+            fill.discard(target)
+            np.memmap(partial, dtype=manifest.dtype, mode="w+", shape=(manifest.records,)).flush()
+        barrier(env)
+        records = np.memmap(partial, dtype=manifest.dtype, mode="r+", shape=(manifest.records,))
+        keys = epoch_order(n, views.rng, epoch, manifest.repeats).sort().values  # the epoch's views (all of 0..n-1 without repeats)
+        firsts = list(range(start, stop, batch_size))
+        progress = fill.Progress(target, key, records.flush, env.rank, env.world, fill.chunks_done(target, key, env.rank, env.world))
+        bar.update(progress.done)
+        try:
+            for first in firsts[progress.done :]:
                 part = keys[first : min(first + batch_size, stop)]
                 probs = teacher_probs(teacher, views, part.to(views.images.device), epoch, manifest.temperature, env, precision)
                 records[part.numpy()] = topk_records(probs, manifest.k, manifest.dtype)
+                progress.step()
                 bar.update(1)
-            records.flush()
+        except Preempted as stop:
+            where = f"in epoch {epoch + 1} after {progress.done}/{len(firsts)} batches (kept in {partial.name})"
+            raise Preempted(stop.signum, folder, where) from None
+        finally:  # also on a signal: what is written is kept for the next run
+            progress.save()
             del records
-            barrier(env)
+        barrier(env)
         if env.is_main:
+            fill.finish(target)
             manifest.epochs[str(epoch)] = {"file": epoch_file(epoch), "sha256": file_sha256(target)}
             manifest.write(folder)
             bar.write(f"epoch {epoch + 1}/{manifest.epochs_planned} cached ({format_duration(time.perf_counter() - began)} so far)")
