@@ -77,3 +77,109 @@ def test_views_from_jpeg_records_equal_views_from_raw_records_of_the_same_pixels
     for x, y in zip(a.train_batches(steps, 1), b.train_batches(steps, 1)):
         assert torch.equal(x.images, y.images) and torch.equal(x.boxes, y.boxes)
     assert torch.equal(a.eval_batch(torch.arange(4)).images, b.eval_batch(torch.arange(4)).images)
+
+
+KILL_MIDWAY = """
+import os, signal, sys
+from vitdistill.data import jpeg
+from vitdistill.data.decoded import RecordShape
+jpeg.CHUNK = 3
+calls = {"n": 0}
+encode = jpeg._encode
+def dying(args):
+    calls["n"] += 1
+    if calls["n"] == 8:  # in the third shard: two finished, one half-written
+        os.kill(os.getpid(), signal.SIGKILL)
+    return encode(args)
+jpeg._encode = dying
+paths = sys.argv[2:]
+jpeg.build_jpeg_records(paths, RecordShape(40), __import__("pathlib").Path(sys.argv[1]), "test")
+"""
+
+
+def test_a_build_killed_midway_resumes_with_its_finished_shards(photos, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from vitdistill.data.decoded import RecordShape
+
+    paths = sorted(str(p) for p in (photos / "train").rglob("*.*"))
+    folder = tmp_path / "rec"
+    killed = subprocess.run([sys.executable, "-c", KILL_MIDWAY, str(folder), *paths], capture_output=True)
+    assert killed.returncode == -9
+    partial = jpeg.partial_folder(folder)
+    assert not folder.exists() and sorted(p.name for p in partial.glob("*.idx.npy")) == ["00000.idx.npy", "00001.idx.npy"]
+    kept = {p.name: p.stat().st_mtime_ns for p in partial.glob("*.jpgs")}
+    monkeypatch.setattr(jpeg, "CHUNK", 3)
+    encoded = []
+    monkeypatch.setattr(jpeg, "_encode", lambda args, real=jpeg._encode: encoded.append(args[0]) or real(args))
+    jpeg.build_jpeg_records(paths, RecordShape(40), folder, "test")
+    assert encoded == paths[6:]  # the two finished shards are not encoded again
+    assert not partial.exists() and not list(folder.glob("*.tmp*")) and not list(folder.glob("*.idx.npy"))
+    assert {n: (folder / n).stat().st_mtime_ns for n in ("00000.jpgs", "00001.jpgs")} == {n: kept[n] for n in ("00000.jpgs", "00001.jpgs")}
+    resumed = jpeg.JpegRecords(folder)
+    monkeypatch.undo()
+    whole = tmp_path / "whole"
+    jpeg.build_jpeg_records(paths, RecordShape(40), whole, "test")
+    assert torch.equal(resumed[torch.arange(12)], jpeg.JpegRecords(whole)[torch.arange(12)])
+    assert json.loads((folder / "records.json").read_text())["shards"] == 4 and resumed.index[:, 0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_corrupt_images_stop_the_build_or_are_left_out(photos, tmp_path):
+    broken = photos / "train" / "a" / "004.png"
+    broken.write_bytes(broken.read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot decode .*004.png.*data.on_corrupt=skip"):
+        open_source(cfg(photos, tmp_path, records="jpeg"), "train")
+    source = open_source(cfg(photos, tmp_path, records="jpeg", on_corrupt="skip"), "train")
+    assert len(source) == 11 and [p.rsplit("/", 1)[-1] for p in source.skipped["corrupt"]] == ["004.png"]
+    raw = open_source(cfg(photos, tmp_path, records="raw", on_corrupt="skip"), "train")
+    assert source.items_hash == raw.items_hash and torch.equal(source.sizes, raw.sizes)
+    with pytest.raises(UserError, match="cannot decode .*004.png"):  # the cached records do not hide it from a run that wants all
+        open_source(cfg(photos, tmp_path, records="jpeg"), "train")
+
+
+def test_the_decoder_is_in_the_fingerprint_and_another_one_is_refused(photos, tmp_path):
+    from vitdistill.targets.offline import first_difference
+
+    source = open_source(cfg(photos, tmp_path, records="jpeg"), "train")
+    mine = source.fingerprint()
+    assert mine["decoder"]["library"] == "pillow" and mine["decoder"]["device"] == "cpu" and mine["decoder"]["quality"] == 90
+    source.images.decoder_device = "cuda"  # the same records replayed through nvJPEG
+    assert first_difference(mine, source.fingerprint(), "dataset.").startswith("dataset.decoder.")
+    raw = open_source(cfg(photos, tmp_path, records="raw"), "train")
+    assert "decoder" not in raw.fingerprint() and first_difference(mine, raw.fingerprint(), "dataset.").startswith("dataset.decoder")
+
+
+def test_the_gpu_decoder_path_lays_out_the_same_records(photos, tmp_path):
+    """The batched torchvision call (nvJPEG on CUDA) run on the CPU: same records, and its
+    deprecation notice never reaches the user."""
+    import warnings
+
+    source = open_source(cfg(photos, tmp_path, records="jpeg"), "train")
+    index = torch.tensor([4, 1, 7])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = source.images.gather(index, pin=False)
+        assert isinstance(batch, torch.Tensor)
+        source.images.decoder_device = "cuda"
+        encoded = source.images.gather(index, pin=False)
+        assert isinstance(encoded, jpeg.EncodedBatch)
+        other = encoded.to(torch.device("cpu"))
+    assert other.shape == batch.shape and ((other.int() - batch.int()).abs() <= 2).all()  # two libjpeg builds: at most rounding apart
+
+
+def test_disk_check_and_auto_choice(photos, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(records, "free_bytes", lambda folder: 10_000)
+    with pytest.raises(UserError, match=r"raw\) records need about .* which has 0.0 MB free; set data.records=jpeg .*data.source_size.*data.cache_dir"):
+        open_source(cfg(photos, tmp_path, records="raw"), "train")
+    with pytest.raises(UserError, match="JPEG records need about .*lower data.jpeg_quality"):
+        open_source(cfg(photos, tmp_path, records="jpeg"), "train")
+    assert not (tmp_path / "cache" / "decoded").exists() or not any((tmp_path / "cache" / "decoded").iterdir())  # nothing written
+    monkeypatch.setattr(records, "free_bytes", lambda folder: 10**12)
+    small = open_source(cfg(photos, tmp_path), "train")
+    assert isinstance(small.images, torch.Tensor) and "data.records=auto: raw records for 12 images" in capsys.readouterr().out
+    monkeypatch.setattr(records, "AUTO_RAW_BYTES", 1000)
+    big = open_source(cfg(photos, tmp_path), "test")
+    assert isinstance(big.images, jpeg.JpegRecords) and "data.records=auto: JPEG records (quality 90) for 4 images" in capsys.readouterr().out
+    again = open_source(cfg(photos, tmp_path), "train")  # auto reads what is cached
+    assert isinstance(again.images, torch.Tensor) and capsys.readouterr().out == ""
