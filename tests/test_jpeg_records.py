@@ -183,3 +183,15 @@ def test_disk_check_and_auto_choice(photos, tmp_path, monkeypatch, capsys):
     assert isinstance(big.images, jpeg.JpegRecords) and "data.records=auto: JPEG records (quality 90) for 4 images" in capsys.readouterr().out
     again = open_source(cfg(photos, tmp_path), "train")  # auto reads what is cached
     assert isinstance(again.images, torch.Tensor) and capsys.readouterr().out == ""
+
+
+def test_a_run_trains_and_evaluates_from_jpeg_records(photos, tmp_path):
+    from conftest import TINY_DEIT, tiny_run
+
+    from vitdistill import load_recipe, train
+
+    data = [f"data.root={photos}", "data.source=imagefolder", "data.source_size=16", "data.records=jpeg", "data.decoder=cpu",
+            "data.train_limit=null", "data.eval_limit=null", f"data.cache_dir={tmp_path / 'cache'}", "optim.batch_size=4", "augment.input_size=8"]
+    result = train(load_recipe("demo_student", tiny_run(tmp_path / "run", *data, *TINY_DEIT)))
+    assert [row["train_steps"] for row in result.history] == [3, 3] and 0 <= result.history[-1]["eval_top1"] <= 100
+    assert list((tmp_path / "cache" / "decoded").glob("*.jpeg90/00000.jpgs")) and not list((tmp_path / "cache" / "decoded").glob("*.npy"))
