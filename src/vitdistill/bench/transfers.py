@@ -27,7 +27,7 @@ class HostDeviceCopies(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        on_device = lambda t: t.device.type != "cpu"  # noqa: E731
+        on_device = lambda t: t.device.type != "cpu"
         if any(t.device.type == "cpu" and t.dim() > 0 for t in inputs) and any(on_device(t) for t in outputs):
             self.to_device.append(str(func))
             non_blocking = (kwargs or {}).get("non_blocking", args[2] if func is torch.ops.aten.copy_.default and len(args) > 2 else False)

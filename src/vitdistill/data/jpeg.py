@@ -266,7 +266,7 @@ class JpegRecords:
 
         def one(j: int) -> None:
             with open_image(bytes(self.encoded(idx[j]))) as img:
-                pixels = np.asarray(img.convert("RGB"))
+                pixels = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # we wrote RGB: no copy
             target[j, : pixels.shape[0], : pixels.shape[1]] = pixels
 
         list(self._threads().map(one, range(len(idx))))
