@@ -195,3 +195,27 @@ def test_a_run_trains_and_evaluates_from_jpeg_records(photos, tmp_path):
     result = train(load_recipe("demo_student", tiny_run(tmp_path / "run", *data, *TINY_DEIT)))
     assert [row["train_steps"] for row in result.history] == [3, 3] and 0 <= result.history[-1]["eval_top1"] <= 100
     assert list((tmp_path / "cache" / "decoded").glob("*.jpeg90/00000.jpgs")) and not list((tmp_path / "cache" / "decoded").glob("*.npy"))
+
+
+def test_a_store_made_with_one_decoder_is_refused_by_a_run_that_decodes_with_another(tmp_path, tiny_teacher):
+    from conftest import TINY_DEIT, tiny_run
+
+    from vitdistill import load_recipe, train
+    from vitdistill.store import write_store
+
+    root = tmp_path / "photos"
+    for split in ("train", "test"):
+        for i, img in enumerate(photo_crops(20, seed=len(split))):  # the digits teacher's ten classes
+            (root / split / f"{i % 10}").mkdir(parents=True, exist_ok=True)
+            img.save(root / split / f"{i % 10}" / f"{i}.jpg")
+    data = [f"data.root={root}", "data.source=imagefolder", "data.source_size=12", "data.records=jpeg", "data.train_limit=null",
+            "data.eval_limit=null", f"data.cache_dir={tmp_path / 'cache'}", "optim.batch_size=4", "augment.input_size=8", *TINY_DEIT]
+    store = tmp_path / "store"
+    write_store(load_recipe("demo_student_distilled", tiny_run(tmp_path / "u", *data, "data.decoder=cpu", f"teacher.checkpoint={tiny_teacher}",
+                                                               f"store.path={store}", "store.epochs=1")))
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["dataset"]["decoder"]["library"] == "pillow"
+    replay = [*data, f"teacher.checkpoint={tiny_teacher}", f"teacher.store={store}", "optim.epochs=1"]
+    with pytest.raises(UserError, match=r"^teacher.store: .* other data: dataset.decoder.device \('cpu' in the store, 'cuda' now\)$"):
+        train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "r", *replay, "data.decoder=cuda")))
+    assert train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "s", *replay, "data.decoder=cpu"))).history
