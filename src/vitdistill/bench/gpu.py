@@ -347,9 +347,9 @@ def run_bench_gpu(data: str | None, budget_s: float, output: str | Path = "runs/
     from ..errors import UserError
 
     output = Path(output)
-    if not smoke and not data:
+    if not smoke and not data and not (stages and set(stages) <= {"decode"}):  # the decode stage makes its own photographs
         raise UserError("bench gpu: --data is required (the CIFAR-10 ImageFolder or archive), or use --smoke")
-    if not smoke and not Path(data).exists():  # before any stage spends the budget on it
+    if not smoke and data and not Path(data).exists():  # before any stage spends the budget on it
         raise UserError(f"bench gpu: --data {data} does not exist")
     if smoke:
         device = "cpu" if device == "auto" else device
