@@ -197,7 +197,7 @@ def test_a_run_trains_and_evaluates_from_jpeg_records(photos, tmp_path):
     assert list((tmp_path / "cache" / "decoded").glob("*.jpeg90/00000.jpgs")) and not list((tmp_path / "cache" / "decoded").glob("*.npy"))
 
 
-def test_a_store_made_with_one_decoder_is_refused_by_a_run_that_decodes_with_another(tmp_path, tiny_teacher):
+def test_a_store_made_with_one_decoder_is_refused_by_a_run_that_decodes_with_another(tmp_path, tiny_teacher, monkeypatch):
     from conftest import TINY_DEIT, tiny_run
 
     from vitdistill import load_recipe, train
@@ -215,6 +215,12 @@ def test_a_store_made_with_one_decoder_is_refused_by_a_run_that_decodes_with_ano
                                                                f"store.path={store}", "store.epochs=1")))
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["dataset"]["decoder"]["library"] == "pillow"
+    with monkeypatch.context() as patch:  # a longer store on a full disk: refused before its first epoch
+        patch.setattr(records, "free_bytes", lambda folder: 100)
+        with pytest.raises(UserError, match=r"^store.path: the 2 epochs left of the store need about .* which has 0.0 MB free; lower store.k"):
+            write_store(load_recipe("demo_student_distilled", tiny_run(tmp_path / "u", *data, "data.decoder=cpu", f"teacher.checkpoint={tiny_teacher}",
+                                                                       f"store.path={store}", "store.epochs=3")))
+    assert sorted(p.name for p in store.glob("epoch_*")) == ["epoch_0000.bin"]
     replay = [*data, f"teacher.checkpoint={tiny_teacher}", f"teacher.store={store}", "optim.epochs=1"]
     with pytest.raises(UserError, match=r"^teacher.store: .* other data: dataset.decoder.device \('cpu' in the store, 'cuda' now\)$"):
         train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "r", *replay, "data.decoder=cuda")))

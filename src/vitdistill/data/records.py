@@ -40,12 +40,12 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def check_disk(needed: float, folder: Path, what: str, shrink: str) -> None:
-    """Stop with one line when ``needed`` bytes do not fit on the disk of ``folder``."""
+def check_disk(needed: float, folder: Path, what: str, shrink: str, key: str = "data", elsewhere: str = "point data.cache_dir at a larger disk") -> None:
+    """Stop with one line (``key: what need ... free; shrink, or elsewhere``) when ``needed``
+    bytes do not fit on the disk of ``folder``."""
     free = free_bytes(folder)
     if needed > free:
-        raise UserError(f"data: {what} need about {_gb(needed)} in {folder}, which has {_gb(free)} free; {shrink}, "
-                        "or point data.cache_dir at a larger disk")
+        raise UserError(f"{key}: {what} need about {_gb(needed)} in {folder}, which has {_gb(free)} free; {shrink}, or {elsewhere}")
 
 
 def raw_bytes(paths: Sequence, shape: RecordShape) -> int:
