@@ -312,4 +312,10 @@ class EncodedBatch:
         self.records, self.data = records, data
 
     def to(self, device, non_blocking: bool = False) -> torch.Tensor:
-        return self.records.decode_gpu(self.data, torch.device(device))
+        """Decoded on ``device`` when it is a GPU; for views made on the CPU (``data.augment_device:
+        cpu``), on the GPU the fingerprint names, then copied (the same pixels either way).
+        Without any GPU (tests), the same call runs on the CPU."""
+        device = torch.device(device)
+        if device.type == "cuda" or not torch.cuda.is_available():
+            return self.records.decode_gpu(self.data, device)
+        return self.records.decode_gpu(self.data, self.records._cuda()).to(device, non_blocking=non_blocking)
