@@ -14,8 +14,8 @@ move bytes; every random choice is made later, from the sample index.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
 
 import torch
 
