@@ -57,6 +57,8 @@ def test_user_yaml_file(tmp_path):
         ("objective.1.tau=3", "objective.1.tau", "unknown key"),  # kd_hard has no tau
         ("objective.1.head=both", "objective.1.head", "expected one of"),
         ("objective.5.weight=1", "objective.5", "no item 5"),
+        ("data.records=zip", "data.records", "expected one of"),
+        ("data.jpeg_quality=0", "data.jpeg_quality", "between 1 and 100"),
     ],
 )
 def test_bad_values_name_the_key(override, key, words):

@@ -68,3 +68,20 @@ def test_the_recorder_sees_a_blocking_copy():
         y = x + torch.tensor([1.0, 2.0, 3.0, 4.0]).to(META)  # what torch.tensor(list, device=cuda) does
         z = x * torch.tensor(2.0)  # a 0-d host scalar is passed by value: no copy
     assert mode.to_device and y.device == META and z.device == META
+
+
+def test_jpeg_records_reach_the_device_only_through_non_blocking_copies(tmp_path):
+    """JPEG records are decoded on the host ahead of the step (threads) and copied without a wait;
+    nothing comes back to the host."""
+    from test_jpeg_records import photo_crops
+
+    root = tmp_path / "photos"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+        for i, img in enumerate(photo_crops(8)):
+            img.save(root / split / "ab"[i % 2] / f"{i}.jpg")
+    data = [f"data.root={root}", "data.source=imagefolder", "data.source_size=16", "data.records=jpeg", "data.decoder=cpu",
+            "data.train_limit=null", "data.eval_limit=null", f"data.cache_dir={tmp_path / 'cache'}", "optim.batch_size=2"]
+    mode = copies_in_steps(load_recipe("demo_student", tiny_run(tmp_path / "run", *TINY_DEIT, *VIEWS, *data)))
+    assert mode.to_device and mode.blocking_to_device == [] and mode.to_host == []

@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_compare)
 
     p = bench.add_parser("gpu", help="every headline figure in one command that stops on time: throughput, teacher, students (budgeted)")
-    p.add_argument("--data", help="CIFAR-10 ImageFolder folder or archive (not needed with --smoke)")
+    p.add_argument("--data", help="CIFAR-10 ImageFolder folder or archive (not needed with --smoke or --stages decode)")
     p.add_argument("--budget", default="9m", help="total time, e.g. 9m (default), 540s")
     p.add_argument("--output", default="runs/bench-gpu", help="folder for the runs and the report")
     p.add_argument("--json", help="the report (default <output>/gpu.json; a Markdown table is written beside it)")
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=["", "augment", "model", "both"], default="",
                    help="torch.compile the views and/or the students of the training stages (default: eager; compiling costs part of a short budget)")
     p.add_argument("--throughput-compile", choices=["", "augment", "model", "both"], default="both", help="compile setting of the throughput stage")
-    p.add_argument("--stages", nargs="+", help="run only these stages (default: all but the optional 'feature')")
+    p.add_argument("--stages", nargs="+", help="run only these stages (default: all but the optional 'feature' and 'decode')")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_bench_gpu)
 

@@ -280,6 +280,8 @@ def place_images(source: ImageSource, device: torch.device, placement: str = "au
     force either.
     """
     images = source.images
+    if not isinstance(images, torch.Tensor):  # JPEG records: decoded per batch (placement=device decodes them all once)
+        return (images.to(device), True) if placement == "device" else (images, False)
     if placement == "auto":
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)

@@ -21,14 +21,18 @@ class HostDeviceCopies(TorchDispatchMode):
         super().__init__()
         self.to_device: list[str] = []
         self.to_host: list[str] = []
+        self.blocking_to_device: list[str] = []  # of to_device: the copies not issued non_blocking (a host wait on CUDA)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        on_device = lambda t: t.device.type != "cpu"  # noqa: E731
+        on_device = lambda t: t.device.type != "cpu"
         if any(t.device.type == "cpu" and t.dim() > 0 for t in inputs) and any(on_device(t) for t in outputs):
             self.to_device.append(str(func))
+            non_blocking = (kwargs or {}).get("non_blocking", args[2] if func is torch.ops.aten.copy_.default and len(args) > 2 else False)
+            if not non_blocking:
+                self.blocking_to_device.append(str(func))
         if any(on_device(t) for t in inputs) and (func is torch.ops.aten._local_scalar_dense.default or any(t.device.type == "cpu" for t in outputs)):
             self.to_host.append(str(func))
         return out

@@ -52,6 +52,10 @@ class DataConfig:
     source_size: int | None = None  # variable-sized images: short side in pixels (aspect kept, see max_aspect)
     max_aspect: float = 4 / 3  # long side kept up to this times the short side (centre-cropped beyond)
     cache_dir: str | None = None  # decoded-array cache; default $VITDISTILL_CACHE or ~/.cache/vitdistill
+    # file-based sources: records stored decoded (raw), as JPEG decoded per batch, or auto (raw when small)
+    records: Literal["auto", "raw", "jpeg"] = "auto"
+    jpeg_quality: int = 90  # JPEG records' quality (FFCV's default)
+    decoder: Literal["auto", "cpu", "cuda"] = "auto"  # where JPEG records are decoded (auto: CUDA when there is a GPU)
     download: bool = False  # torchvision CIFAR only
     placement: Literal["auto", "device", "host"] = "auto"  # decoded images on the GPU, or host + prefetch
     workers: int = 4  # threads that gather host-resident images ahead of the GPU
@@ -67,6 +71,7 @@ class DataConfig:
             value = getattr(self, name)
             _check(value is None or value > 0, _join(key, name), "must be positive")
         _check(all(s > 0 for s in self.std), _join(key, "std"), "must be positive")
+        _check(1 <= self.jpeg_quality <= 100, _join(key, "jpeg_quality"), "must be between 1 and 100")
         _check(self.max_aspect >= 1, _join(key, "max_aspect"), "must be >= 1 (long side / short side)")
         if self.source == "imagefolder":
             _check(self.root is not None, _join(key, "root"), "imagefolder needs a root folder or archive")

@@ -49,39 +49,56 @@ class RecordShape:
         return None if self.size is None else (self.size, round(self.size * self.max_aspect))
 
 
+def resize_image(img, shape: RecordShape) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A PIL image resized as :class:`RecordShape` says, in the record's orientation and without
+    padding (``[rows, cols, 3]`` uint8), and its true size ``(height, width, transposed)`` in the
+    record's pixels (orientation of the image). Raw and JPEG records both start from it."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    if shape.size is None:
+        array = np.asarray(img, dtype=np.uint8)
+        return array, (array.shape[0], array.shape[1], 0)
+    size, (_, cols) = shape.size, shape.record
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    transposed = nh > nw  # portrait: the long side goes along the record's width
+    if transposed:
+        img = img.transpose(Image.Transpose.TRANSPOSE)
+        nw, nh = nh, nw
+    if nw > cols:  # beyond max_aspect: keep the centre of the long side
+        left = (nw - cols) // 2
+        img = img.crop((left, 0, left + cols, nh))
+        nw = cols
+    true = (nw, nh) if transposed else (nh, nw)  # (height, width) of the image as it is seen
+    return np.asarray(img, dtype=np.uint8), (true[0], true[1], int(transposed))
+
+
+def open_image(path: str | bytes):
+    """A PIL image from a file path or its encoded bytes."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
+
+
 def _decode(args: tuple[str | bytes, RecordShape]) -> tuple[np.ndarray | None, tuple[int, int, int] | None, str | None]:
     """One image (a file path or its encoded bytes) as a uint8 record, its true size
     ``(height, width, transposed)`` in the record's pixels (orientation of the image), or None and
     what went wrong. Pillow raises many exception types for damaged files -- OSError,
     SyntaxError, ValueError, DecompressionBombError -- so all are caught here and reported with
     the image's name by the caller."""
-    from PIL import Image
-
     path, shape = args
     try:
-        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
-            img = img.convert("RGB")
-            if shape.size is None:
-                array = np.asarray(img, dtype=np.uint8)
-                return array, (array.shape[0], array.shape[1], 0), None
-            size, (rows, cols) = shape.size, shape.record
-            w, h = img.size
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            if (nw, nh) != (w, h):
-                img = img.resize((nw, nh), Image.BICUBIC)
-            transposed = nh > nw  # portrait: the long side goes along the record's width
-            if transposed:
-                img = img.transpose(Image.Transpose.TRANSPOSE)
-                nw, nh = nh, nw
-            if nw > cols:  # beyond max_aspect: keep the centre of the long side
-                left = (nw - cols) // 2
-                img = img.crop((left, 0, left + cols, nh))
-                nw = cols
-            record = np.zeros((rows, cols, 3), dtype=np.uint8)
-            record[:nh, :nw] = np.asarray(img, dtype=np.uint8)
-            true = (nw, nh) if transposed else (nh, nw)  # (height, width) of the image as it is seen
-            return record, (true[0], true[1], int(transposed)), None
+        with open_image(path) as img:
+            array, true = resize_image(img, shape)
+        if shape.size is None:
+            return array, true, None
+        record = np.zeros((*shape.record, 3), dtype=np.uint8)
+        record[: array.shape[0], : array.shape[1]] = array
+        return record, true, None
     except Exception as err:  # noqa: BLE001 - see the docstring
         return None, None, f"{type(err).__name__}: {err}"
 

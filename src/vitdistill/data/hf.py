@@ -23,7 +23,8 @@ import torch
 
 from ..config import DataConfig
 from ..errors import UserError
-from .decoded import check_skipped, decode_files, load_decoded, read_sizes, read_skipped, record_shape
+from .decoded import record_shape
+from .records import open_records
 from .source import ImageSource, cache_root, hash_items, limit_positions
 
 
@@ -134,17 +135,13 @@ def open_hf(cfg: DataConfig, split: str, limit: int | None) -> ImageSource:
     key = hash_items([items_hash, ds._fingerprint, repr(shape), str(root.resolve()), image_column])[:20]
     array_path = cache / "decoded" / f"hf-{root.name}-{split}-{len(keep)}-{key}.npy"
     names = [f"{root}/{split} row {i}" for i in keep]
-    if not array_path.is_file():
-        images = EncodedImages(ds, image_column, keep)
-        decode_files(images, shape, array_path, f"decoding {root.name}/{split}", cfg.on_corrupt, names)
-    corrupt = read_skipped(array_path)
-    check_skipped(corrupt, cfg.on_corrupt)
+    encoded = EncodedImages(ds, image_column, keep)
+    images, memory_mapped, sizes, corrupt = open_records(cfg, encoded, shape, array_path, f"decoding {root.name}/{split}", names)
     if corrupt:  # rows left out (data.on_corrupt=skip): the others keep their order
         left_out = set(corrupt)
         kept = [i for i, name in enumerate(names) if name not in left_out]
         keep, labels = [keep[i] for i in kept], [labels[i] for i in kept]
         items_hash = hash_items([f"{i}\t{y}" for i, y in zip(keep, labels)])
-    images, memory_mapped = load_decoded(array_path)
     return ImageSource(
         images=images,
         labels=torch.tensor(labels, dtype=torch.int64),
@@ -153,5 +150,5 @@ def open_hf(cfg: DataConfig, split: str, limit: int | None) -> ImageSource:
         items_hash=items_hash,
         memory_mapped=memory_mapped,
         skipped={"corrupt": corrupt} if corrupt else {},
-        sizes=read_sizes(array_path),
+        sizes=sizes,
     )

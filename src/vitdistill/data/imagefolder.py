@@ -19,7 +19,8 @@ import torch
 from ..atomic import atomic_path
 from ..config import DataConfig
 from ..errors import UserError
-from .decoded import check_skipped, decode_files, load_decoded, read_sizes, read_skipped, record_shape
+from .decoded import record_shape
+from .records import open_records
 from .source import ImageSource, cache_root, hash_items, limit_positions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -114,15 +115,11 @@ def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSou
     key = hash_items([listing, files_signature(split_dir, files), repr(shape), str(split_dir.resolve())])[:20]
     array_path = cache / "decoded" / f"{split_dir.parent.name}-{split}-{len(files)}-{key}.npy"
     paths = [str(split_dir / f) for f in files]
-    if not array_path.is_file():
-        decode_files(paths, shape, array_path, f"decoding {split_dir.parent.name}/{split}", cfg.on_corrupt)
-    corrupt = read_skipped(array_path)
-    check_skipped(corrupt, cfg.on_corrupt)
+    images, memory_mapped, sizes, corrupt = open_records(cfg, paths, shape, array_path, f"decoding {split_dir.parent.name}/{split}")
     if corrupt:
         left_out = set(corrupt)
         kept = [i for i, p in enumerate(paths) if p not in left_out]
         files, labels = [files[i] for i in kept], [labels[i] for i in kept]
-    images, memory_mapped = load_decoded(array_path)
     skipped = {"not_image": not_images} if not_images else {}
     if corrupt:
         skipped["corrupt"] = corrupt
@@ -134,6 +131,6 @@ def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSou
         items_hash=hash_items([f"{f}\t{y}" for f, y in zip(files, labels)]),
         memory_mapped=memory_mapped,
         skipped=skipped,
-        sizes=read_sizes(array_path),
+        sizes=sizes,
     )
 

@@ -23,6 +23,8 @@ from ..config import DataConfig
 class ImageSource:
     """Decoded images ``[N, H, W, 3]`` uint8 with labels ``[N]`` int64 and class names."""
 
+    # [N, H, W, 3] uint8, or JPEG records (data.jpeg.JpegRecords) read like it: records[index]
+    # decodes those records into the same zero-padded uint8 records
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
@@ -55,6 +57,8 @@ class ImageSource:
             "items_sha256": self.items_hash,
             "image_size": list(self.image_size),
             **({"sizes_sha256": hashlib.sha256(self.sizes.numpy().tobytes()).hexdigest()} if self.sizes is not None else {}),
+            # JPEG records: who decodes them (another library may differ in the last bit of a pixel)
+            **({"decoder": self.images.decoder()} if not isinstance(self.images, torch.Tensor) else {}),
         }
 
 

@@ -21,6 +21,7 @@ from ..augment import Augmenter
 from ..config import RunConfig, to_dict
 from ..config.paths import with_absolute_paths
 from ..data import epoch_order
+from ..data.records import check_disk
 from ..device import DistEnv, autocast, barrier, setup_distributed
 from ..errors import UserError
 from ..formatting import format_duration
@@ -98,6 +99,9 @@ def _write_store(cfg: RunConfig, env: DistEnv, folder: Path, source, teacher: On
         manifest.write(folder)
     barrier(env)
     todo = [e for e in range(manifest.epochs_planned) if str(e) not in manifest.epochs]
+    # before the first epoch, on every process (they stop together): never a surprise on disk
+    check_disk(len(todo) * manifest.count * manifest.repeats * manifest.record_bytes, folder, f"the {len(todo)} epochs left of the store",
+               "lower store.k or store.epochs", key="store.path", elsewhere="choose a store.path on a larger disk")
     n, batch_size = len(source), cfg.store.batch_size or cfg.optim.batch_size
     start, stop = env.rank * n // env.world, (env.rank + 1) * n // env.world  # this process's share of each epoch's n views
     steps = -(-(stop - start) // batch_size)
