@@ -14,6 +14,7 @@ from .config import AugmentConfig, RunConfig, dump_config, to_dict
 from .config.parsing import parse_dataclass
 from .config.paths import absolute_paths_in, with_absolute_paths
 from .data import ImageSource, open_source, open_splits
+from .data.decoded import display_name
 from .device import DistEnv, setup_distributed
 from .engine import Trainer, evaluate
 from .engine.checkpoint import load_checkpoint
@@ -202,13 +203,17 @@ def skipped_files(*sources: ImageSource) -> dict:
     return {src.name: src.skipped for src in sources if src.skipped}
 
 
-SKIP_REASONS = {"not_image": "files that are not images", "corrupt": "images that cannot be decoded (data.on_corrupt=skip)"}
+SKIP_REASONS = {
+    "not_image": "files that are not images",
+    "corrupt": "images that cannot be decoded (data.on_corrupt=skip)",
+    "broken_link": "symbolic links that lead nowhere (dangling or a loop)",
+}
 
 
 def describe_skipped(*sources: ImageSource) -> list[str]:
     """One line per split and reason: how many files were left out, with an example."""
     return [
-        f"{src.name}: left out {len(files):,} {SKIP_REASONS.get(reason, reason)}, e.g. {files[0]}"
+        f"{src.name}: left out {len(files):,} {SKIP_REASONS.get(reason, reason)}, e.g. {display_name(files[0])}"
         for src in sources
         for reason, files in src.skipped.items()
         if files
