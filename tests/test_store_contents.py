@@ -100,3 +100,22 @@ def test_verify_names_the_samples_whose_stored_top1_disagrees(tmp_path, tiny_tea
     report = verify_store(folder, samples=40, epochs=[0])
     name = open_source(cfg.data, "train").sample_name(5)
     assert not report["ok"] and report["disagreeing"] == [f"epoch 0: {name}"]
+
+
+@pytest.mark.parametrize("damage", ['{"format": "vitdistill-teacher-st', "[1, 2]", '{"format": "vitdistill-teacher-store/1"}'])
+def test_a_corrupt_manifest_names_the_file_and_the_repair_and_cache_rewrites_it(tmp_path, tiny_teacher, capsys, damage):
+    cfg = load_recipe("demo_student_distilled", tiny_run(
+        tmp_path / "run", f"teacher.checkpoint={tiny_teacher}", f"store.path={tmp_path / 'store'}", "store.k=3", "store.epochs=1", "optim.epochs=1",
+    ))
+    folder = write_store(cfg)
+    good = (folder / "epoch_0000.bin").read_bytes()
+    (folder / "manifest.json").write_text(damage)
+    student = load_recipe("demo_student_distilled", tiny_run(tmp_path / "run", f"teacher.store={folder}", "teacher.checkpoint=null", "optim.epochs=1"))
+    source = open_source(student.data, "train", student.data.train_limit)
+    with pytest.raises(UserError, match=r"manifest.json is corrupt \(.*\); rerun `vitdistill cache` with its recipe to write it again \(or delete"):
+        StoreTargets(folder, student, source, source.images.device)
+    capsys.readouterr()
+    write_store(cfg)
+    assert "manifest.json is corrupt; writing the store again" in capsys.readouterr().out
+    assert (folder / "epoch_0000.bin").read_bytes() == good
+    StoreTargets(folder, student, source, source.images.device)

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..formatting import format_duration
 from ..progress import progress_bar
 from ..targets import OnlineTeacher
-from ..targets.offline import file_sha256, first_difference, prepare_teacher_run, teacher_identity
+from ..targets.offline import CorruptManifest, file_sha256, first_difference, prepare_teacher_run, teacher_identity
 from ..targets.store_format import (
     Manifest,
     augment_fingerprint,
@@ -87,8 +87,14 @@ def write_store(cfg: RunConfig) -> Path:
     folder, source, teacher, precision = prepare_teacher_run(cfg, cfg.store.path, "store.path", env.device, cfg.augment.input_size)
     views = Augmenter(source, cfg.augment, cfg.seed, cfg.data.mean, cfg.data.std, env.device, cfg.data.placement, cfg.data.workers)
     manifest = new_manifest(cfg, source, teacher, precision)
+    existing = None
     if (folder / "manifest.json").is_file():
-        existing = Manifest.read(folder)
+        try:
+            existing = Manifest.read(folder)
+        except CorruptManifest:  # nothing in it can be trusted: the store is written again (below)
+            if env.is_main:
+                print(f"vitdistill: {folder / 'manifest.json'} is corrupt; writing the store again")
+    if existing is not None:
         check_same_plan(existing, manifest, folder)
         manifest.epochs = existing.epochs
         if only_contents_differ(existing.dataset, manifest.dataset):  # every epoch holds stale records for the changed images

@@ -85,15 +85,31 @@ def prepare_teacher_run(cfg: RunConfig, path: str | None, key: str, device: torc
     return Path(path), source, teacher, "bf16" if uses_bf16(device, cfg.engine.precision) else "fp32"
 
 
-def read_manifest(folder: Path, name: str, fmt: str, what: str, command: str) -> dict:
-    """A manifest's JSON, checked to be of format ``fmt``; clear errors otherwise."""
+class CorruptManifest(UserError):
+    """A manifest that is not the JSON object a writer wrote (cut short, edited by hand)."""
+
+
+def repair_hint(folder: Path, command: str, rewrites: bool) -> str:
+    if rewrites:
+        return f"rerun `vitdistill {command}` with its recipe to write it again (or delete {folder})"
+    return f"delete {folder} and write it again with `vitdistill {command}`"
+
+
+def read_manifest(folder: Path, name: str, fmt: str, what: str, command: str, rewrites: bool = False) -> dict:
+    """A manifest's JSON, checked to be of format ``fmt``; clear errors otherwise, a damaged one
+    (:class:`CorruptManifest`) with the way to repair it (``rewrites``: ``command`` replaces a
+    damaged manifest by itself)."""
     path = Path(folder) / name
     if not path.is_file():
         raise UserError(f"{folder} is not {what} (no {name}); write one with `vitdistill {command}`")
+    repair = repair_hint(folder, command, rewrites)
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is corrupt ({err.msg} at line {err.lineno})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        detail = f"{err.msg} at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else "not text"
+        raise CorruptManifest(f"{path} is corrupt ({detail}); {repair}") from None
+    if not isinstance(data, dict):
+        raise CorruptManifest(f"{path} is corrupt (a JSON {type(data).__name__}, not an object); {repair}")
     if data.get("format") != fmt:
         raise UserError(f"{path}: unsupported format {data.get('format')!r} (this vitdistill reads {fmt})")
     return data

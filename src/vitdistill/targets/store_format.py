@@ -23,7 +23,7 @@ import torch
 from ..atomic import atomic_path, write_text_atomic
 from ..data import ImageSource
 from ..errors import UserError
-from .offline import file_sha256, read_manifest
+from .offline import CorruptManifest, file_sha256, read_manifest, repair_hint
 
 FORMAT = "vitdistill-teacher-store/1"
 MANIFEST = "manifest.json"
@@ -79,7 +79,11 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
-        return cls(**read_manifest(folder, MANIFEST, FORMAT, "a teacher store", "cache"))
+        data = read_manifest(folder, MANIFEST, FORMAT, "a teacher store", "cache", rewrites=True)
+        try:
+            return cls(**data)
+        except TypeError as err:  # a key missing or unknown: edited by hand, or cut short
+            raise CorruptManifest(f"{Path(folder) / MANIFEST} is corrupt ({err}); {repair_hint(folder, 'cache', True)}") from None
 
 
 def augment_fingerprint(recipe_augment: dict, mean, std) -> dict:
