@@ -225,3 +225,124 @@ def test_a_parquet_folder_without_the_split_lists_the_splits_it_has(tmp_path):
     pq.write_table(table, root / "data" / "validation-00000-of-00001.parquet")
     with pytest.raises(UserError, match=r"splits \['train', 'validation'\], not 'test'"):
         load_split(root, "test", tmp_path / "cache")
+
+
+# ------------------------------------------------------------------ 8. checks before any image is decoded
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Decoding any image fails the test: what must be found before the data is touched."""
+
+    def decode(*args, **kwargs):
+        raise AssertionError("an image was decoded before the run's checks")
+
+    monkeypatch.setattr("vitdistill.data.imagefolder.decode_files", decode)
+
+
+def run_args(tmp_path, root, *extra):
+    from conftest import tiny_run
+
+    return ["train", "demo_student_distilled", *tiny_run(
+        tmp_path / "run", "data.source=imagefolder", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.train_limit=null",
+        "data.eval_limit=null", "augment.input_size=8", "model.img_size=8", "model.patch_size=2",
+        "model.kwargs={embed_dim: 32, depth: 2, num_heads: 2}", *extra,
+    )]
+
+
+def digit_folder(root: Path, classes=10) -> Path:
+    return folder(root, {f"{c}/{i}.png": noise(8, 8, 10 * c + i) for c in range(classes) for i in range(2)})
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["teacher.checkpoint=/nowhere/teacher.safetensors"], "teacher.checkpoint: /nowhere/teacher.safetensors does not exist"),
+    (["teacher.store=/nowhere/store", "teacher.checkpoint=null"], "teacher.store: /nowhere/store does not exist"),
+    (["model.kwargs={embed_dim: 32, depth: 2, num_heads: 2, no_such_key: 1}"], "no_such_key"),
+    (["augment.input_size=9"], "augment.input_size"),
+])
+def test_a_bad_teacher_or_model_is_one_line_before_any_image_is_decoded(tmp_path, capsys, no_decoding, tiny_teacher, extra, message):
+    from vitdistill.cli import main
+
+    root = digit_folder(tmp_path / "d")
+    assert main([*run_args(tmp_path, root, f"teacher.checkpoint={tiny_teacher}"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_for_other_classes_is_refused_before_decoding(tmp_path, capsys, no_decoding, tiny_teacher):
+    from vitdistill.cli import main
+
+    root = digit_folder(tmp_path / "d", classes=3)  # the teacher predicts 10 digits
+    assert main(run_args(tmp_path, root, f"teacher.checkpoint={tiny_teacher}")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "predicts 10 classes but the data has 3" in err
+
+
+# ------------------------------------------------------------------ 9. output folder, checkpoint, Ctrl-C
+def test_a_read_only_output_folder_is_one_line_before_decoding(tmp_path, capsys, monkeypatch, no_decoding, tiny_teacher):
+    import tempfile
+
+    from vitdistill.cli import main
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    root = digit_folder(tmp_path / "d")
+    assert main(run_args(tmp_path, root, f"teacher.checkpoint={tiny_teacher}")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is on a read-only file system" in err and str(tmp_path / "run") in err
+
+
+def test_the_write_probe_leaves_nothing_behind(tmp_path):
+    from vitdistill.runner import check_writable
+
+    check_writable(tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        check_writable(tmp_path / "file" / "run")
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 3200 vs 3110")])
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_path, capsys, monkeypatch, failure):
+    from conftest import tiny_run
+
+    from vitdistill.cli import main
+    from vitdistill.engine import checkpoint
+
+    original, calls = checkpoint.torch.save, {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second epoch's checkpoint
+            f.write(b"partial")
+            raise failure
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    assert main(["train", "demo_teacher", *tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint.pt" in err and "--resume" in err
+    state = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "tmp" in p.name) == []
+
+
+def test_ctrl_c_while_the_cli_imports_is_one_line_and_exit_130(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'vitdistill.runner':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "sys.argv = ['vitdistill', 'recipes']\n"
+        "import runpy\n"
+        "runpy.run_module('vitdistill', run_name='__main__')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 130 and done.stderr == "vitdistill: interrupted\n"

@@ -8,10 +8,16 @@ Python API::
     print(evaluate_checkpoint(result.output))
 """
 
-from .config import RunConfig, list_recipes
-from .errors import ConfigError, UserError
-from .runner import RunResult, evaluate_checkpoint, train
-from .validate import load_recipe
+try:
+    from .config import RunConfig, list_recipes
+    from .errors import ConfigError, UserError
+    from .runner import RunResult, evaluate_checkpoint, train
+    from .validate import load_recipe
+except KeyboardInterrupt:  # Ctrl-C during the (seconds-long: torch, timm) imports: one line, not a traceback
+    import sys
+
+    print("vitdistill: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 __version__ = "0.1.0"
 

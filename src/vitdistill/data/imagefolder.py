@@ -37,11 +37,16 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".ti
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
 
-def unpack_archive(archive: Path, cache: Path) -> Path:
-    """Unpack ``archive`` once into the cache (atomically: temp folder, then rename)."""
+def unpacked_path(archive: Path, cache: Path) -> Path:
+    """Where ``archive`` is (or will be) unpacked in the cache."""
     stat = archive.stat()
     key = hash_items([str(archive.resolve()), str(stat.st_size), str(int(stat.st_mtime))])[:16]
-    target = cache / "archives" / f"{archive.name.split('.')[0]}-{key}"
+    return cache / "archives" / f"{archive.name.split('.')[0]}-{key}"
+
+
+def unpack_archive(archive: Path, cache: Path) -> Path:
+    """Unpack ``archive`` once into the cache (atomically: temp folder, then rename)."""
+    target = unpacked_path(archive, cache)
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -133,15 +138,33 @@ def files_signature(split_dir: Path, files: list[str]) -> str:
     return hash_items(lines)
 
 
-def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSource:
+def check_root(cfg: DataConfig) -> Path:
+    """``data.root``, checked to be a folder or an archive."""
     assert cfg.root is not None
     root = Path(cfg.root).expanduser()
     if not root.exists():
         raise UserError(f"data.root: {root} does not exist")
+    if root.is_file() and not root.name.endswith(ARCHIVE_SUFFIXES):
+        raise UserError(f"data.root: {root} is a file but not a .tar, .tar.gz, .tgz or .zip archive")
+    return root
+
+
+def peek_imagefolder_classes(cfg: DataConfig, split: str) -> list[str] | None:
+    """The split's classes from its folder names alone (no image is read), or None when that
+    would mean unpacking an archive first."""
+    root = check_root(cfg)
+    if root.is_file():
+        root = unpacked_path(root, cache_root(cfg))
+        if not root.is_dir():
+            return None
+    classes = sorted(p.name for p in resolve_split_dir(root, split).iterdir() if p.is_dir())
+    return classes or None
+
+
+def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSource:
+    root = check_root(cfg)
     cache = cache_root(cfg)
     if root.is_file():
-        if not root.name.endswith(ARCHIVE_SUFFIXES):
-            raise UserError(f"data.root: {root} is a file but not a .tar, .tar.gz, .tgz or .zip archive")
         root = unpack_archive(root, cache)
     split_dir = resolve_split_dir(root, split)
     classes, files, labels, listed_out = list_split(split_dir, cfg.allow_empty_classes)
