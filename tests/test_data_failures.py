@@ -346,3 +346,13 @@ def test_ctrl_c_while_the_cli_imports_is_one_line_and_exit_130(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 130 and done.stderr == "vitdistill: interrupted\n"
+
+
+def test_cache_with_a_missing_teacher_is_one_line_before_decoding(tmp_path, capsys, no_decoding):
+    from vitdistill.cli import main
+
+    root = digit_folder(tmp_path / "d")
+    args = run_args(tmp_path, root, "teacher.checkpoint=/nowhere/teacher.safetensors", f"store.path={tmp_path / 'store'}")
+    assert main(["cache", *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/nowhere/teacher.safetensors does not exist" in err

@@ -80,6 +80,9 @@ def prepare_teacher_run(cfg: RunConfig, path: str | None, key: str, device: torc
         raise UserError(f"{key}: where should the output go? (e.g. {key}=runs/{key.split('.')[0]}/cifar10)")
     if cfg.teacher is None or (cfg.teacher.checkpoint is None and cfg.teacher.name is None):
         raise UserError("teacher: writing offline targets needs the teacher itself (teacher.checkpoint or teacher.name + weights)")
+    teacher_file = named_teacher_file(cfg)  # a missing teacher is found before the data is decoded
+    if teacher_file is not None and not teacher_file.is_file():
+        raise UserError(f"teacher.weights: {teacher_file} does not exist")
     source = open_source(cfg.data, cfg.data.train_split, cfg.data.train_limit)
     teacher = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std, view_size).to(device)
     return Path(path), source, teacher, "bf16" if uses_bf16(device, cfg.engine.precision) else "fp32"
