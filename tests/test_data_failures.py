@@ -42,6 +42,9 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     root = folder(tmp_path / "d", {"a/grey16.png": grey16, "b/x.png": noise(6, 10, 0)})
     images = open_source(cfg_for(tmp_path, root), "train").images
     assert (images[0].numpy() == 128).all()  # 32768 >> 8, not the 255 convert() clips it to
+    eight_in_i = Image.fromarray(np.full((6, 10), 200, dtype=np.int32), "I")  # 8-bit values in a 32-bit mode: kept
+    root = folder(tmp_path / "e", {"a/i.tiff": eight_in_i, "b/x.png": noise(6, 10, 0)})
+    assert (open_source(cfg_for(tmp_path, root), "train").images[0].numpy() == 200).all()
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "CMYK", "F", "I"])

@@ -74,9 +74,10 @@ def to_rgb(img):
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(img.convert("I") if img.mode != "I" else img, dtype=np.int64)
-        # 'I' holds 16-bit PNG data (Pillow opens 16-bit greyscale PNGs as 'I'), or 32-bit
-        # integers: scale by the largest power of two that brings the maximum under 256.
-        shift = 8 if array.max(initial=0) < 65536 else 24
+        # 'I;16*' is 16-bit data: >> 8. 'I' (32-bit integers) says nothing of the depth (older
+        # Pillows open 16-bit PNGs as 'I'; TIFFs may hold 8-bit values in it): the values tell.
+        top = int(array.max(initial=0))
+        shift = 8 if img.mode != "I" else 0 if top < 256 else 8 if top < 65536 else 24
         grey = np.clip(array >> shift, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     if img.mode == "F":

@@ -13,8 +13,8 @@ from ..data import epoch_order, open_source
 from ..device import DistEnv, resolve_device
 from ..errors import UserError
 from ..targets import build_online_teacher
-from ..targets.offline import first_difference, teacher_identity
-from ..targets.store_format import Manifest, changed_samples, damaged_epochs, describe_changed, only_contents_differ, read_epoch
+from ..targets.offline import first_difference, only_contents_differ, teacher_identity
+from ..targets.store_format import Manifest, changed_samples, damaged_epochs, describe_changed, read_epoch
 from .writer import teacher_probs
 
 # Largest |stored - recomputed| probability accepted by default: fp16 storage rounds a probability

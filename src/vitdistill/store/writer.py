@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..formatting import format_duration
 from ..progress import progress_bar
 from ..targets import OnlineTeacher
-from ..targets.offline import CorruptManifest, file_sha256, first_difference, prepare_teacher_run, teacher_identity
+from ..targets.offline import CorruptManifest, file_sha256, first_difference, only_contents_differ, prepare_teacher_run, teacher_identity
 from ..targets.store_format import (
     Manifest,
     augment_fingerprint,
@@ -32,7 +32,6 @@ from ..targets.store_format import (
     damaged_reason,
     describe_changed,
     epoch_file,
-    only_contents_differ,
     topk_records,
     write_contents,
 )

@@ -59,9 +59,20 @@ def teacher_identity(cfg: RunConfig, teacher: OnlineTeacher) -> dict:
     return {"spec": teacher.model.spec.to_json(), "weights_sha256": file_sha256(path), "path": str(path)}
 
 
+def only_contents_differ(stored: dict, current: dict) -> bool:
+    """The dataset fingerprints agree on names, labels, sizes and order, but not on the pixels."""
+    if stored.get("contents_sha256") == current.get("contents_sha256"):
+        return False
+    others = [{k: v for k, v in d.items() if k != "contents_sha256"} for d in (stored, current)]
+    return others[0] == others[1]
+
+
 def check_provenance(where: str, dataset: dict, teacher: dict, k: int, cfg: RunConfig, source: ImageSource) -> None:
     """Offline targets answer for one dataset and one teacher: a difference is an error naming it
     (``where`` starts the message, e.g. ``teacher.store: runs/x was written for``)."""
+    if only_contents_differ(dataset, source.fingerprint()):
+        pinned = "other pixels" if "contents_sha256" in dataset else "images vitdistill did not pin then (written by an older version)"
+        raise UserError(f"{where} other images: the same files and labels with {pinned}; write it again with the run's data")
     diff = first_difference(dataset, source.fingerprint(), "dataset.")
     if diff:
         raise UserError(f"{where} other data: {diff}")

@@ -14,7 +14,7 @@ from ..augment import ViewBatch
 from ..config import RunConfig, TeacherConfig, to_dict
 from ..data import ImageSource
 from ..errors import ConfigError, UserError
-from .offline import check_provenance, first_difference
+from .offline import check_provenance, first_difference, only_contents_differ
 from .prediction import TeacherPrediction
 from .source import Request, TeacherSource, register_source
 from .store_format import (
@@ -24,7 +24,6 @@ from .store_format import (
     damaged_reason,
     dense_from_topk,
     describe_changed,
-    only_contents_differ,
     read_epoch,
 )
 

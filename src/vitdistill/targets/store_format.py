@@ -157,14 +157,6 @@ def write_contents(folder: Path, source: ImageSource) -> None:
         np.save(f, source.contents)
 
 
-def only_contents_differ(stored: dict, current: dict) -> bool:
-    """The dataset fingerprints agree on names, labels, sizes and order, but not on the pixels."""
-    if stored.get("contents_sha256") == current.get("contents_sha256"):
-        return False
-    others = [{k: v for k, v in d.items() if k != "contents_sha256"} for d in (stored, current)]
-    return others[0] == others[1]
-
-
 def changed_samples(folder: Path, source: ImageSource) -> list[int] | None:
     """The samples whose decoded image differs from when the store was written, or None when the
     store kept no digests to compare with (written before they were kept)."""
