@@ -176,8 +176,8 @@ def train(cfg: RunConfig, resume: bool = False) -> RunResult:
     if resume:  # refuse a changed recipe before spending time on the data
         state = load_checkpoint(checkpoint)
         check_resume_compatible(state["config"], cfg)
+    check_before_data(cfg)  # seconds at most: before the budget's clock, which plans from the data's decoding on
     start = time.perf_counter()  # a time budget counts from here: data, model, compilation included
-    check_before_data(cfg)
     trainer = build_trainer(cfg, env, output, start)
     if state is not None:
         trainer.load_state_dict(state)
