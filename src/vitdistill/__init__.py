@@ -10,11 +10,17 @@ Python API::
         print(row.path, row.labels, row.probabilities)
 """
 
-from .config import RunConfig, list_recipes
-from .errors import ConfigError, UserError
-from .inference import Prediction, predict
-from .runner import RunResult, evaluate_checkpoint, train
-from .validate import load_recipe
+try:
+    from .config import RunConfig, list_recipes
+    from .errors import ConfigError, UserError
+    from .inference import Prediction, predict
+    from .runner import RunResult, evaluate_checkpoint, train
+    from .validate import load_recipe
+except KeyboardInterrupt:  # Ctrl-C during the (seconds-long: torch, timm) imports: one line, not a traceback
+    import sys
+
+    print("vitdistill: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 __version__ = "0.1.0"
 

@@ -115,6 +115,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     if report["checksum_failures"]:
         print(f"checksum failures: {', '.join(report['checksum_failures'])}")
+    for key, what in (("changed_samples", "images changed since the store was written"), ("disagreeing", "top-1 disagrees")):
+        if report[key]:
+            more = f", ... ({len(report[key]):,} in all)" if len(report[key]) > 5 else ""
+            print(f"{what}: {', '.join(report[key][:5])}{more}")
+    if report["changed_samples"]:
+        print("rerun `vitdistill cache` with the store's recipe to rewrite the store")
     print("OK" if report["ok"] else "MISMATCH")
     _write_json(args.json, report)
     return 0 if report["ok"] else 1

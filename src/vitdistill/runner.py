@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -16,7 +19,8 @@ from .atomic import write_text_atomic
 from .augment import Augmenter
 from .config import RunConfig, dump_config, to_dict
 from .config.paths import absolute_paths_in, with_absolute_paths
-from .data import ImageSource, open_source, open_splits
+from .data import ImageSource, open_source, open_splits, peek_classes
+from .data.decoded import display_name
 from .device import DistEnv, setup_distributed
 from .engine import Trainer, evaluate
 from .engine.checkpoint import load_checkpoint
@@ -32,7 +36,7 @@ from .objective import Objective
 from .rng import derive_seed
 from .run_folder import data_config_for
 from .signals import handle_signals
-from .targets import Request, TeacherSource, source_class
+from .targets import SOURCES, Request, TeacherSource, build_online_teacher, source_class
 
 # Keys that may change when a run is resumed (everything else must match the checkpoint).
 RESUMABLE_CHANGES = ("optim.epochs", "engine.", "output")
@@ -91,6 +95,57 @@ def check_resume_progress(state: dict, cfg: RunConfig) -> None:
     if cfg.engine.ema_decay is not None and state.get("ema") is None:
         raise UserError(f"--resume: engine.ema_decay={cfg.engine.ema_decay} is new: the checkpoint has no EMA weights (trained without EMA), "
                         "and an average started now would cover the resumed epochs only; train a new run with engine.ema_decay set")
+
+
+def check_writable(folder: Path, key: str = "output") -> None:
+    """``folder`` (or the nearest folder above it that exists, where it will be made) takes new
+    files: a read-only disk or a folder without write permission is found before the data is
+    decoded. The probe file is removed; nothing else is created."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{key}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vitdistill-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        why = {errno.EROFS: "is on a read-only file system", errno.ENOSPC: "is on a full disk"}.get(err.errno, "cannot be written")
+        raise UserError(f"{key}: {folder} {why} ({err.strerror or err}); choose another output folder") from None
+
+
+class _Classes:
+    """The data's classes before its images are read (what the teacher's checks ask of a source)."""
+
+    def __init__(self, classes: list[str]):
+        self.classes = classes
+        self.num_classes = len(classes)
+
+
+def check_before_data(cfg: RunConfig) -> None:
+    """Everything of a run that does not need the images, checked before any is read or decoded
+    (decoding ImageNet takes hours): the output folder is writable, the model builds from
+    ``model.*`` and takes ``augment.input_size``, the objective builds for it, and the teacher's
+    files exist, with its class count and input size checked when the data's classes are known
+    from folder names alone (:func:`vitdistill.data.peek_classes`)."""
+    check_writable(Path(cfg.output_dir))
+    classes = peek_classes(cfg.data)
+    count = len(classes) if classes else 2  # unknown yet: any count builds the same architecture
+    model = build_model(cfg.model, count, classes=classes, input_size=cfg.augment.input_size, mean=cfg.data.mean, std=cfg.data.std)
+    check_input_size(model.backbone, cfg.augment.input_size, "augment.input_size", cfg.model.name, f"set model.img_size={cfg.augment.input_size}")
+    objective = Objective(cfg.objective, count, model.has_dist_head)
+    if objective.needs_token_logits and not model.has_token_logits:
+        raise ConfigError("model.token_head", f"the objective classifies every patch token: set model.token_head: true ({cfg.model.name} has no per-token head)")
+    if not objective.needs_teacher or cfg.teacher is None:
+        return
+    for key in sorted({key for kind in SOURCES.values() for key in kind.path_keys}):
+        value = getattr(cfg.teacher, key, None)
+        if value is not None and not Path(value).expanduser().exists():
+            raise UserError(f"teacher.{key}: {value} does not exist")
+    if classes is not None and source_class(cfg.teacher).kind == "online":
+        build_online_teacher(cfg.teacher, _Classes(classes), cfg.data.mean, cfg.data.std, cfg.augment.input_size,  # type: ignore[arg-type]
+                             classes=objective.needs_teacher_classes, features=objective.needs_teacher_features)
 
 
 def build_trainer(cfg: RunConfig, env: DistEnv, output: Path, clock_start: float | None = None) -> Trainer:
@@ -158,6 +213,7 @@ def _train(cfg: RunConfig, resume: bool | str, env: DistEnv, output: Path) -> Ru
         state = load_checkpoint(checkpoint)
         check_resume_compatible(state["config"], cfg)
         check_resume_progress(state, cfg)
+    check_before_data(cfg)  # seconds at most: before the budget's clock, which plans from the data's decoding on
     start = time.perf_counter()  # a time budget counts from here: data, model, compilation included
     trainer = build_trainer(cfg, env, output, start)
     if state is not None:
@@ -299,13 +355,17 @@ def skipped_files(*sources: ImageSource) -> dict:
     return {src.name: src.skipped for src in sources if src.skipped}
 
 
-SKIP_REASONS = {"not_image": "files that are not images", "corrupt": "images that cannot be decoded (data.on_corrupt=skip)"}
+SKIP_REASONS = {
+    "not_image": "files that are not images",
+    "corrupt": "images that cannot be decoded (data.on_corrupt=skip)",
+    "broken_link": "symbolic links that lead nowhere (dangling or a loop)",
+}
 
 
 def describe_skipped(*sources: ImageSource) -> list[str]:
     """One line per split and reason: how many files were left out, with an example."""
     return [
-        f"{src.name}: left out {len(files):,} {SKIP_REASONS.get(reason, reason)}, e.g. {files[0]}"
+        f"{src.name}: left out {len(files):,} {SKIP_REASONS.get(reason, reason)}, e.g. {display_name(files[0])}"
         for src in sources
         for reason, files in src.skipped.items()
         if files

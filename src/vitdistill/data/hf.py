@@ -23,7 +23,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import UserError
-from .decoded import record_shape
+from .decoded import DECODER_VERSION, record_shape
 from .records import open_records
 from .source import ImageSource, cache_root, hash_items, limit_positions
 
@@ -48,6 +48,17 @@ def parquet_files(root: Path, split: str) -> list[Path]:
     return sorted(found)
 
 
+def parquet_splits(root: Path) -> list[str]:
+    """The split names the parquet files under ``root`` have (Hub naming: ``<split>-*.parquet``,
+    ``<split>.parquet``, or the folder holding them)."""
+    found = set()
+    for path in root.rglob("*.parquet"):
+        stem = path.name.removesuffix(".parquet")
+        name = stem.split("-")[0] if "-" in stem else stem
+        found.add(name if name and name != path.parent.name or path.parent == root else path.parent.name)
+    return sorted(found)
+
+
 def load_split(root: Path, split: str, cache: Path):
     """The ``datasets.Dataset`` of one split (see the module docstring for the layouts)."""
     datasets = _datasets()
@@ -62,6 +73,8 @@ def load_split(root: Path, split: str, cache: Path):
             "(DatasetDict({'train': ..., 'test': ...}).save_to_disk(root))"
         )
     files = parquet_files(root, split)
+    if not files and (found := parquet_splits(root)):
+        raise UserError(f"data: the parquet files under {root} have splits {found}, not {split!r} (set data.train_split / data.eval_split)")
     if not files:
         raise UserError(
             f"data.root: {root} is neither a saved DatasetDict (no dataset_dict.json) nor has parquet files for split {split!r} "
@@ -132,11 +145,11 @@ def open_hf(cfg: DataConfig, split: str, limit: int | None) -> ImageSource:
     items_hash = hash_items([f"{i}\t{y}" for i, y in zip(keep, labels)])
     # The dataset's own fingerprint (datasets' cache key: its files and history) pins the content.
     shape = record_shape(cfg)
-    key = hash_items([items_hash, ds._fingerprint, repr(shape), str(root.resolve()), image_column])[:20]
+    key = hash_items([items_hash, ds._fingerprint, repr(shape), f"decoder {DECODER_VERSION}", str(root.resolve()), image_column])[:20]
     array_path = cache / "decoded" / f"hf-{root.name}-{split}-{len(keep)}-{key}.npy"
     names = [f"{root}/{split} row {i}" for i in keep]
     encoded = EncodedImages(ds, image_column, keep)
-    images, memory_mapped, sizes, corrupt = open_records(cfg, encoded, shape, array_path, f"decoding {root.name}/{split}", names)
+    images, memory_mapped, sizes, corrupt, contents = open_records(cfg, encoded, shape, array_path, f"decoding {root.name}/{split}", names)
     if corrupt:  # rows left out (data.on_corrupt=skip): the others keep their order
         left_out = set(corrupt)
         kept = [i for i, name in enumerate(names) if name not in left_out]
@@ -151,4 +164,6 @@ def open_hf(cfg: DataConfig, split: str, limit: int | None) -> ImageSource:
         memory_mapped=memory_mapped,
         skipped={"corrupt": corrupt} if corrupt else {},
         sizes=sizes,
+        contents=contents,
+        names=[f"row {i}" for i in keep],
     )

@@ -41,34 +41,40 @@ import torch
 from ..atomic import atomic_path, write_text_atomic
 from ..errors import UserError
 from ..progress import progress
-from .decoded import RecordShape, _Inline, open_image, resize_image
+from .decoded import RecordShape, _Inline, open_image, record_digest, resize_image
 
 FORMAT = "vitdistill-jpeg-records/1"
 CHUNK = 1024  # images per shard (and per resumable unit of the build): a few hundred MB at most
 DEFAULT_QUALITY = 90  # FFCV's default
 
 
-def _encode(args: tuple[str | bytes, RecordShape, int]) -> tuple[bytes | None, tuple[int, int, int] | None, str | None]:
+def _encode(args: tuple[str | bytes, RecordShape, int]) -> tuple[bytes | None, tuple[int, int, int] | None, str | None, int]:
     """One image resized like a raw record (unpadded) and encoded as JPEG at ``quality``, its
-    true size, or None and what went wrong (every exception: see ``decoded._decode``)."""
+    true size, or None and what went wrong (every exception: see ``decoded._decode``), and the
+    digest of the raw record it was made from (``decoded.record_digest``: the same as raw
+    records keep, so a store pins the images' contents whichever way they are stored)."""
     path, shape, quality = args
     from PIL import Image
 
     try:
         with open_image(path) as img:
             array, true = resize_image(img, shape)
+        record = array
+        if shape.size is not None:  # the zero-padded record raw records store
+            record = np.zeros((*shape.record, 3), dtype=np.uint8)
+            record[: array.shape[0], : array.shape[1]] = array
         buf = io.BytesIO()
         Image.fromarray(array).save(buf, format="JPEG", quality=quality)
-        return buf.getvalue(), true, None
+        return buf.getvalue(), true, None, record_digest(record, true)
     except Exception as err:  # noqa: BLE001 - Pillow's many exception types for damaged files
-        return None, None, f"{type(err).__name__}: {err}"
+        return None, None, f"{type(err).__name__}: {err}", 0
 
 
 def encode_sample(paths: Sequence[str | bytes], shape: RecordShape, quality: int, count: int = 32) -> float:
     """Mean JPEG bytes of up to ``count`` evenly spaced images (what the disk check estimates
     from); 0 when none of them decodes."""
     step = max(1, len(paths) // count)
-    sizes = [len(data) for data, _, _ in map(_encode, [(paths[i], shape, quality) for i in range(0, len(paths), step)][:count]) if data]
+    sizes = [len(data) for data, _, _, _ in map(_encode, [(paths[i], shape, quality) for i in range(0, len(paths), step)][:count]) if data]
     return float(np.mean(sizes)) if sizes else 0.0
 
 
@@ -111,18 +117,18 @@ def build_jpeg_records(paths: Sequence[str | bytes], shape: RecordShape, folder:
         for c in (todo[i] for i in bar):
             first = c * CHUNK
             jobs = [(p, shape, quality) for p in paths[first : first + CHUNK]]
-            table = np.zeros((len(jobs), 5), dtype=np.int64)  # offset, length (-1: left out), height, width, transposed
+            table = np.zeros((len(jobs), 6), dtype=np.int64)  # offset, length (-1: left out), height, width, transposed, digest
             with atomic_path(_shard(partial, c), tag) as tmp, open(tmp, "wb") as out:
                 offset = 0
-                for j, (data, true, error) in enumerate(pool.map(_encode, jobs, chunksize=chunksize)):
+                for j, (data, true, error, digest) in enumerate(pool.map(_encode, jobs, chunksize=chunksize)):
                     if error is not None:
                         if on_corrupt == "error":
                             raise UserError(f"data: cannot decode {names[first + j]} ({error}); "
                                             "replace or delete it, or set data.on_corrupt=skip to leave it out")
-                        table[j] = (0, -1, 0, 0, 0)
+                        table[j] = (0, -1, 0, 0, 0, 0)
                         continue
                     out.write(data)
-                    table[j] = (offset, len(data), *true)
+                    table[j] = (offset, len(data), *true, digest)
                     offset += len(data)
             with atomic_path(_shard_index(partial, c), tag + ".npy") as tmp:
                 np.save(tmp, table)
@@ -154,6 +160,7 @@ def _finish(partial: Path, folder: Path, chunks: int, shape: RecordShape, qualit
         record = list(shape.record)
     np.save(partial / "index.npy", np.stack([shard[kept], table[kept, 0], table[kept, 1]], axis=1))
     np.save(partial / "sizes.npy", sizes)
+    np.save(partial / "contents.npy", table[kept, 5])
     (partial / "skipped.json").write_text(json.dumps({"corrupt": [str(names[i]) for i in bad]}))
     for c in range(chunks):
         _shard_index(partial, c).unlink()
@@ -169,6 +176,11 @@ def _finish(partial: Path, folder: Path, chunks: int, shape: RecordShape, qualit
             raise
         shutil.rmtree(partial, ignore_errors=True)  # another process finished first: theirs is kept
     return bad
+
+
+def read_contents(folder: Path) -> np.ndarray:
+    """The digest of every kept image's raw record (what ``decoded.read_contents`` gives for raw records)."""
+    return np.load(folder / "contents.npy")
 
 
 def read_skipped(folder: Path) -> list[str]:

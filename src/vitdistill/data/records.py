@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import DataConfig
@@ -62,9 +63,10 @@ def raw_bytes(paths: Sequence, shape: RecordShape) -> int:
 
 
 def open_records(cfg: DataConfig, paths: Sequence, shape: RecordShape, array_path: Path, desc: str,
-                 names: Sequence[str] | None = None) -> tuple[torch.Tensor | jpeg.JpegRecords, bool, torch.Tensor | None, list[str]]:
+                 names: Sequence[str] | None = None) -> tuple[torch.Tensor | jpeg.JpegRecords, bool, torch.Tensor | None, list[str], np.ndarray | None]:
     """The split's records, made once (raw ``array_path``, or JPEG records beside it) as
-    ``data.records`` says: ``(images, memory_mapped, sizes, left-out image names)``."""
+    ``data.records`` says: ``(images, memory_mapped, sizes, left-out image names, contents)``
+    (contents: each kept image's digest, see ``decoded.record_digest``; None for an older cache)."""
     folder = array_path.with_name(array_path.name.removesuffix(".npy") + f".jpeg{cfg.jpeg_quality}")
     kind = cfg.records
     if kind == "auto":
@@ -77,7 +79,7 @@ def open_records(cfg: DataConfig, paths: Sequence, shape: RecordShape, array_pat
         corrupt = decoded.read_skipped(array_path)
         decoded.check_skipped(corrupt, cfg.on_corrupt)
         images, memory_mapped = decoded.load_decoded(array_path)
-        return images, memory_mapped, decoded.read_sizes(array_path), corrupt
+        return images, memory_mapped, decoded.read_sizes(array_path), corrupt, decoded.read_contents(array_path)
     if not folder.is_dir():
         estimate = jpeg.encode_sample(paths, shape, cfg.jpeg_quality) * len(paths) * MARGIN - jpeg.partial_bytes(folder)
         check_disk(estimate, folder.parent, "the JPEG records", "lower data.jpeg_quality or data.source_size")
@@ -86,7 +88,7 @@ def open_records(cfg: DataConfig, paths: Sequence, shape: RecordShape, array_pat
     decoded.check_skipped(corrupt, cfg.on_corrupt)
     records = jpeg.JpegRecords(folder, decoder_device(cfg))
     sizes = torch.from_numpy(records.true_sizes) if records.variable_size else None
-    return records, True, sizes, corrupt
+    return records, True, sizes, corrupt, jpeg.read_contents(folder)
 
 
 def decoder_device(cfg: DataConfig) -> str:

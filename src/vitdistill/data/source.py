@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import DataConfig
@@ -35,6 +36,14 @@ class ImageSource:
     # Variable-sized images: [N, 3] int32 true (height, width, transposed) of each zero-padded
     # record (portrait images are stored transposed); None when every image fills its record.
     sizes: torch.Tensor | None = None
+    # What each decoded image is (:func:`vitdistill.data.decoded.record_digest`, [N] int64), for
+    # sources decoded from files; None for fixed releases (digits, CIFAR). Stores and label maps
+    # pin it, so a file replaced under the same name is noticed.
+    contents: np.ndarray | None = None
+    names: list[str] | None = None  # what sample i is called in messages (its file), default "sample i"
+
+    def sample_name(self, index: int) -> str:
+        return self.names[index] if self.names is not None else f"sample {index}"
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -59,11 +68,13 @@ class ImageSource:
             **({"sizes_sha256": hashlib.sha256(self.sizes.numpy().tobytes()).hexdigest()} if self.sizes is not None else {}),
             # JPEG records: who decodes them (another library may differ in the last bit of a pixel)
             **({"decoder": self.images.decoder()} if not isinstance(self.images, torch.Tensor) else {}),
+            **({"contents_sha256": hashlib.sha256(self.contents.tobytes()).hexdigest()} if self.contents is not None else {}),
         }
 
 
 def hash_items(items: list[str]) -> str:
-    return hashlib.sha256("\n".join(items).encode()).hexdigest()
+    # surrogateescape: a file name that is not UTF-8 (Python keeps its bytes as surrogates) hashes as its bytes
+    return hashlib.sha256("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def cache_root(cfg: DataConfig) -> Path:

@@ -31,6 +31,19 @@ def open_source(cfg: DataConfig, split: str, limit: int | None = None) -> ImageS
     raise UserError(f"data.source: unknown source {cfg.source!r}")  # pragma: no cover - schema guards
 
 
+def peek_classes(cfg: DataConfig) -> list[str] | None:
+    """The training split's class names when they are known without reading any image (an
+    ImageFolder's folder names, the digits), else None: what a run checks its model and teacher
+    against before the data is decoded."""
+    if cfg.source == "imagefolder":
+        from .imagefolder import peek_imagefolder_classes
+
+        return peek_imagefolder_classes(cfg, cfg.train_split)
+    if cfg.source == "digits":
+        return [str(d) for d in range(10)]
+    return None
+
+
 def open_splits(cfg: DataConfig) -> tuple[ImageSource, ImageSource]:
     """The training and evaluation splits; their class lists must agree."""
     train = open_source(cfg, cfg.train_split, cfg.train_limit)

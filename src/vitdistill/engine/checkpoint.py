@@ -3,6 +3,7 @@ so a crash at any moment leaves either the previous checkpoint or the new one, n
 
 from __future__ import annotations
 
+import errno
 import pickle
 import zipfile
 from pathlib import Path
@@ -15,9 +16,27 @@ from ..errors import UserError, short_reason
 CHECKPOINT_FORMAT = "vitdistill-checkpoint/1"
 
 
+# What torch.save raises when the disk fills under it: its zip writer reports the short write
+# as a RuntimeError ("unexpected pos ..." / "file write failed"), not as OSError(ENOSPC).
+TORCH_SHORT_WRITE = ("unexpected pos", "file write failed")
+
+
 def save_atomic(obj: dict, path: Path) -> None:
-    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    """Write ``obj`` to ``path`` atomically; a full disk (or any write error) is one
+    :class:`UserError` naming the file, with the previous checkpoint left in place."""
+    try:
+        with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+    except OSError as err:
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise UserError(f"cannot write {path} ({'the disk is full' if full else short_reason(err)}); "
+                        f"{'free some space' if full else 'check the output folder'} and continue with --resume "
+                        "(the previous checkpoint is kept)") from None
+    except RuntimeError as err:
+        if not any(text in str(err) for text in TORCH_SHORT_WRITE):
+            raise
+        raise UserError(f"cannot write {path} (the disk is full or failing: {short_reason(err)}); free some space and continue "
+                        "with --resume (the previous checkpoint is kept)") from None
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -29,8 +29,17 @@ from ..lock import folder_lock
 from ..progress import progress_bar
 from ..signals import Preempted
 from ..targets import OnlineTeacher
-from ..targets.offline import file_sha256, first_difference, prepare_teacher_run, teacher_identity
-from ..targets.store_format import Manifest, augment_fingerprint, damaged_epochs, damaged_reason, epoch_file, topk_records
+from ..targets.offline import CorruptManifest, file_sha256, first_difference, only_contents_differ, prepare_teacher_run, teacher_identity
+from ..targets.store_format import (
+    Manifest,
+    augment_fingerprint,
+    damaged_epochs,
+    damaged_reason,
+    describe_changed,
+    epoch_file,
+    topk_records,
+    write_contents,
+)
 
 
 def new_manifest(cfg: RunConfig, source, teacher: OnlineTeacher, precision: str) -> Manifest:
@@ -57,6 +66,8 @@ def new_manifest(cfg: RunConfig, source, teacher: OnlineTeacher, precision: str)
 def check_same_plan(existing: Manifest, planned: Manifest, folder: Path) -> None:
     """Resuming into an existing store: everything but the epoch list must be the same."""
     for name in ("seed", "k", "temperature", "num_classes", "count", "dataset", "augment", "precision"):
+        if name == "dataset" and only_contents_differ(existing.dataset, planned.dataset):
+            continue  # the same samples with other pixels: the store is rewritten, not refused
         diff = first_difference(getattr(existing, name), getattr(planned, name), f"{name}.")
         if diff:
             raise UserError(f"{folder} already holds a store made differently ({diff}); choose another store.path")
@@ -86,10 +97,22 @@ def write_store(cfg: RunConfig) -> Path:
 def _write_store(cfg: RunConfig, env: DistEnv, folder: Path, source, teacher: OnlineTeacher, precision: str) -> Path:
     views = Augmenter(source, cfg.augment, cfg.seed, cfg.data.mean, cfg.data.std, env.device, cfg.data.placement, cfg.data.workers)
     manifest = new_manifest(cfg, source, teacher, precision)
+    existing = None
     if (folder / "manifest.json").is_file():
-        existing = Manifest.read(folder)
+        try:
+            existing = Manifest.read(folder)
+        except CorruptManifest:  # nothing in it can be trusted: the store is written again (below)
+            if env.is_main:
+                print(f"vitdistill: {folder / 'manifest.json'} is corrupt; writing the store again")
+    if existing is not None:
         check_same_plan(existing, manifest, folder)
         manifest.epochs = existing.epochs
+        if only_contents_differ(existing.dataset, manifest.dataset):  # every epoch holds stale records for the changed images
+            if env.is_main:
+                print(f"vitdistill: {folder}: {describe_changed(folder, source)}; rewriting its {len(manifest.epochs)} epochs")
+            manifest.epochs = {}
+            if env.is_main:
+                manifest.write(folder)  # the new dataset, no epoch: an interruption from here on rewrites them all
         for epoch in damaged_epochs(folder, manifest):  # rewritten below, like a missing epoch
             if env.is_main:
                 print(f"vitdistill: {folder}: epoch {epoch + 1}: {damaged_reason(folder, manifest, epoch)}; rewriting it")
@@ -97,6 +120,8 @@ def _write_store(cfg: RunConfig, env: DistEnv, folder: Path, source, teacher: On
     elif env.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         manifest.write(folder)
+    if env.is_main:
+        write_contents(folder, source)
     barrier(env)
     todo = [e for e in range(manifest.epochs_planned) if str(e) not in manifest.epochs]
     # before the first epoch, on every process (they stop together): never a surprise on disk

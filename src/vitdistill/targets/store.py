@@ -14,16 +14,27 @@ from ..augment import ViewBatch
 from ..config import RunConfig, TeacherConfig, to_dict
 from ..data import ImageSource
 from ..errors import ConfigError, UserError
-from .offline import check_provenance, first_difference
+from .offline import check_provenance, first_difference, only_contents_differ
 from .prediction import TeacherPrediction
 from .source import Request, TeacherSource, register_source
-from .store_format import Manifest, augment_fingerprint, damaged_epochs, damaged_reason, dense_from_topk, read_epoch
+from .store_format import (
+    Manifest,
+    augment_fingerprint,
+    damaged_epochs,
+    damaged_reason,
+    dense_from_topk,
+    describe_changed,
+    read_epoch,
+)
 
 
 def check_matches_run(manifest: Manifest, cfg: RunConfig, source: ImageSource, folder: Path) -> None:
     """A store answers for the views of one dataset, augmentation, seed and teacher: any
     difference from the run is an error naming it."""
     where = f"teacher.store: {folder} was written for"
+    if only_contents_differ(manifest.dataset, source.fingerprint()):
+        raise UserError(f"teacher.store: {folder}: {describe_changed(folder, source)}; "
+                        "rerun `vitdistill cache` with the store's recipe to rewrite it")
     if manifest.seed != cfg.seed:
         raise UserError(f"{where} seed {manifest.seed}, the run uses seed {cfg.seed}")
     check_provenance(where, manifest.dataset, manifest.teacher, manifest.k, cfg, source)

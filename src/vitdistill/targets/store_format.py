@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import write_text_atomic
+from ..atomic import atomic_path, write_text_atomic
+from ..data import ImageSource
 from ..errors import UserError
-from .offline import file_sha256, read_manifest
+from .offline import CorruptManifest, file_sha256, read_manifest, repair_hint
 
 FORMAT = "vitdistill-teacher-store/1"
 MANIFEST = "manifest.json"
+CONTENTS = "contents.npy"  # the digest of every sample's decoded image when the store was written (sources from files)
 
 
 def record_dtype(k: int, num_classes: int) -> np.dtype:
@@ -77,7 +79,11 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
-        return cls(**read_manifest(folder, MANIFEST, FORMAT, "a teacher store", "cache"))
+        data = read_manifest(folder, MANIFEST, FORMAT, "a teacher store", "cache", rewrites=True)
+        try:
+            return cls(**data)
+        except TypeError as err:  # a key missing or unknown: edited by hand, or cut short
+            raise CorruptManifest(f"{Path(folder) / MANIFEST} is corrupt ({err}); {repair_hint(folder, 'cache', True)}") from None
 
 
 def augment_fingerprint(recipe_augment: dict, mean, std) -> dict:
@@ -140,3 +146,34 @@ def read_epoch(folder: Path, manifest: Manifest, epoch: int, verify: bool) -> np
     if verify and file_sha256(path) != info["sha256"]:
         raise UserError(f"{path} does not match its checksum in the manifest: the store is damaged")
     return np.memmap(path, dtype=manifest.dtype, mode="r", shape=(manifest.records,))
+
+
+def write_contents(folder: Path, source: ImageSource) -> None:
+    """Keep the digest of every sample's image beside the manifest (sources decoded from files),
+    so that a changed dataset can be told sample by sample."""
+    if source.contents is None:
+        return
+    with atomic_path(folder / CONTENTS) as tmp, open(tmp, "wb") as f:
+        np.save(f, source.contents)
+
+
+def changed_samples(folder: Path, source: ImageSource) -> list[int] | None:
+    """The samples whose decoded image differs from when the store was written, or None when the
+    store kept no digests to compare with (written before they were kept)."""
+    path = folder / CONTENTS
+    if source.contents is None or not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        stored = np.load(f)
+    if stored.shape != source.contents.shape:
+        return None
+    return np.flatnonzero(stored != source.contents).tolist()
+
+
+def describe_changed(folder: Path, source: ImageSource) -> str:
+    """How the images differ from the store's, naming the first samples that changed."""
+    changed = changed_samples(folder, source)
+    if not changed:
+        return "its images have changed since it was written"
+    names = ", ".join(source.sample_name(i) for i in changed[:3]) + (", ..." if len(changed) > 3 else "")
+    return f"{len(changed):,} of its images changed since it was written ({names})"
