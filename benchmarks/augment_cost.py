@@ -19,9 +19,27 @@ from vitdistill.config import AugmentConfig
 from vitdistill.data import ImageSource
 from vitdistill.device import resolve_device
 
-VIEW_OPS = {"aten::view", "aten::slice", "aten::select", "aten::reshape", "aten::unsqueeze", "aten::expand", "aten::permute",
-            "aten::transpose", "aten::flatten", "aten::unbind", "aten::squeeze", "aten::t", "aten::alias", "aten::as_strided",
-            "aten::detach", "aten::lift_fresh", "aten::empty", "aten::empty_like", "aten::empty_strided"}
+VIEW_OPS = {
+    "aten::view",
+    "aten::slice",
+    "aten::select",
+    "aten::reshape",
+    "aten::unsqueeze",
+    "aten::expand",
+    "aten::permute",
+    "aten::transpose",
+    "aten::flatten",
+    "aten::unbind",
+    "aten::squeeze",
+    "aten::t",
+    "aten::alias",
+    "aten::as_strided",
+    "aten::detach",
+    "aten::lift_fresh",
+    "aten::empty",
+    "aten::empty_like",
+    "aten::empty_strided",
+}
 
 
 def operator_calls(fn) -> int:
@@ -64,11 +82,13 @@ def main() -> None:
         start = time.perf_counter()
         views.train_batch(index, 0)  # compiles when asked
         first = time.perf_counter() - start
-        calls = operator_calls(lambda: views.train_batch(index, 1))
-        took = seconds(lambda: views.train_batch(index, 2), device, args.repeats)
+        calls = operator_calls(lambda views=views: views.train_batch(index, 1))
+        took = seconds(lambda views=views: views.train_batch(index, 2), device, args.repeats)
         label = "compiled" if compiled else "eager"
-        print(f"{label:8s} {args.batch} views of {args.size}x{args.size} on {device}: {took * 1000:8.1f} ms per batch, "
-              f"{calls:5d} operator calls, first batch {first:.1f} s")
+        print(
+            f"{label:8s} {args.batch} views of {args.size}x{args.size} on {device}: {took * 1000:8.1f} ms per batch, "
+            f"{calls:5d} operator calls, first batch {first:.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -69,7 +69,10 @@ def main() -> None:
     report = {"device": device, "torch": torch.__version__, "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
-    rows = [[r["stage"], str(r["epochs"]), f"{r['top1_last']:.2f}", f"{r['wall_time_s'] / 60:.1f} min", f"{r['train_img_per_s']:,.0f}"] for r in results]
+    rows = [
+        [r["stage"], str(r["epochs"]), f"{r['top1_last']:.2f}", f"{r['wall_time_s'] / 60:.1f} min", f"{r['train_img_per_s']:,.0f}"]
+        for r in results
+    ]
     print(f"\n{device}, torch {torch.__version__}")
     print(format_table(["stage", "epochs", "top-1 last (%)", "wall time", "train img/s"], rows))
 

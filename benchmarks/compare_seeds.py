@@ -47,11 +47,18 @@ def main() -> None:
         for seed in args.seeds:
             folder = Path(args.runs) / f"{label}-s{seed}"
             summary = seeds.train_once(folder, recipe, [*common, f"seed={seed}", *extra])
-            row = {"seed": seed, "top1": summary["final"]["eval_top1"], "wall_time_s": summary["wall_time_s"], "img_s": summary["train_img_per_s"]}
+            row = {
+                "seed": seed,
+                "top1": summary["final"]["eval_top1"],
+                "wall_time_s": summary["wall_time_s"],
+                "img_s": summary["train_img_per_s"],
+            }
             if args.analyze:
                 from vitdistill.analysis import analyze
 
-                report = analyze(folder, Path(args.runs) / f"analysis-{label}-s{seed}", images=args.analysis_images, landscape_images=0 if seed else 256)
+                report = analyze(
+                    folder, Path(args.runs) / f"analysis-{label}-s{seed}", images=args.analysis_images, landscape_images=0 if seed else 256
+                )
                 row["last_patch_cosine"] = report["models"][0]["layers"]["patch_cosine"][-1]
             rows.append(row)
         results[label] = {"recipe": recipe, "overrides": extra, "runs": rows}
@@ -59,12 +66,21 @@ def main() -> None:
         from vitdistill.analysis import analyze
 
         first, second = list(results)[:2]
-        analyze(Path(args.runs) / f"{first}-s{args.seeds[0]}", Path(args.runs) / "analysis-compare", compare=Path(args.runs) / f"{second}-s{args.seeds[0]}")
+        analyze(
+            Path(args.runs) / f"{first}-s{args.seeds[0]}",
+            Path(args.runs) / "analysis-compare",
+            compare=Path(args.runs) / f"{second}-s{args.seeds[0]}",
+        )
     table = []
     for label, result in results.items():
         runs = result["runs"]
-        line = [label, result["recipe"] + "".join(f" {o}" for o in result["overrides"]), mean_std([r["top1"] for r in runs]),
-                " ".join(f"{r['top1']:.2f}" for r in runs), f"{statistics.mean(r['img_s'] for r in runs):,.0f}"]
+        line = [
+            label,
+            result["recipe"] + "".join(f" {o}" for o in result["overrides"]),
+            mean_std([r["top1"] for r in runs]),
+            " ".join(f"{r['top1']:.2f}" for r in runs),
+            f"{statistics.mean(r['img_s'] for r in runs):,.0f}",
+        ]
         if args.analyze:
             line.append(mean_std([r["last_patch_cosine"] for r in runs]))
         table.append(line)

@@ -68,8 +68,15 @@ def main() -> None:
     try:
         sources = {}
         for kind in ("raw", "jpeg"):
-            cfg = DataConfig(root=str(root), cache_dir=str(cache / kind), source_size=args.source_size, records=kind,
-                             jpeg_quality=args.quality, decoder="cpu", eval_split="train")
+            cfg = DataConfig(
+                root=str(root),
+                cache_dir=str(cache / kind),
+                source_size=args.source_size,
+                records=kind,
+                jpeg_quality=args.quality,
+                decoder="cpu",
+                eval_split="train",
+            )
             began = time.perf_counter()
             sources[kind] = open_source(cfg, "train")
             seconds = time.perf_counter() - began
@@ -88,7 +95,9 @@ def main() -> None:
         result["raw"]["train_images_per_s_in_place"] = train_rate(sources["raw"], cpu, args.train_steps, args.batch, workers=2)
         ratio = result["jpeg"]["bytes_per_image"] / result["raw"]["bytes_per_image"]
         result["jpeg_over_raw_bytes"] = ratio
-        result["extrapolated_gb"] = {name: {k: n * result[k]["bytes_per_image"] / 1e9 for k in ("raw", "jpeg")} for name, n in IMAGENET.items()}
+        result["extrapolated_gb"] = {
+            name: {k: n * result[k]["bytes_per_image"] / 1e9 for k in ("raw", "jpeg")} for name, n in IMAGENET.items()
+        }
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     print(json.dumps(result, indent=2))

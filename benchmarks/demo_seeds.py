@@ -1,6 +1,6 @@
 """The offline demo over several seeds: mean and std of each stage's last-epoch top-1.
 
-    python benchmarks/demo_seeds.py --seeds 0 1 2 --output runs/demo_seeds
+python benchmarks/demo_seeds.py --seeds 0 1 2 --output runs/demo_seeds
 """
 
 from __future__ import annotations

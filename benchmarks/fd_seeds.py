@@ -49,7 +49,13 @@ def main() -> None:
     parser.add_argument("--baseline-layer-decay", action="store_true", help="the baseline keeps the fine-tuning's layer decay")
     parser.add_argument("--output", default="runs/fd_digits")
     parser.add_argument("--analysis-images", type=int, default=360, help="test images for analyze (digits has 360)")
-    parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE", help="an override for the pretraining runs only, e.g. teacher.feature_layer=1")
+    parser.add_argument(
+        "--pretrain-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for the pretraining runs only, e.g. teacher.feature_layer=1",
+    )
     parser.add_argument("--json")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (teacher included)")
     args = parser.parse_args()
@@ -64,36 +70,64 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         common = [f"seed={seed}", *shared]
-        pre = run(out / f"pretrain-s{seed}", args.pretrain_recipe, [*common, f"teacher.checkpoint={teacher_model}", f"optim.epochs={pretrain_epochs}", *args.pretrain_set])
-        fine = run(out / f"finetune-s{seed}", args.finetune_recipe, [*common, f"model.init={out / f'pretrain-s{seed}'}", f"optim.epochs={finetune_epochs}"])
+        pre = run(
+            out / f"pretrain-s{seed}",
+            args.pretrain_recipe,
+            [*common, f"teacher.checkpoint={teacher_model}", f"optim.epochs={pretrain_epochs}", *args.pretrain_set],
+        )
+        fine = run(
+            out / f"finetune-s{seed}",
+            args.finetune_recipe,
+            [*common, f"model.init={out / f'pretrain-s{seed}'}", f"optim.epochs={finetune_epochs}"],
+        )
         baseline_extra = [] if args.baseline_layer_decay else ["optim.layer_decay=null"]
         base = run(out / f"baseline-s{seed}", args.finetune_recipe, [*common, "model.init=null", f"optim.epochs={total}", *baseline_extra])
         feature = [float(r["train_feature"]) for r in pre["rows"]]
-        results.append({
-            "seed": seed,
-            "fd": fine["final"]["eval_top1"],
-            "baseline": base["final"]["eval_top1"],
-            "feature_loss_first": feature[0],
-            "feature_loss_last": feature[-1],
-            "fd_wall_s": pre["wall_time_s"] + fine["wall_time_s"],
-            "baseline_wall_s": base["wall_time_s"],
-        })
-    analysis = analyze(out / f"finetune-s{args.seeds[0]}", out / "analysis", compare=out / f"baseline-s{args.seeds[0]}", images=args.analysis_images, landscape_images=args.analysis_images)
+        results.append(
+            {
+                "seed": seed,
+                "fd": fine["final"]["eval_top1"],
+                "baseline": base["final"]["eval_top1"],
+                "feature_loss_first": feature[0],
+                "feature_loss_last": feature[-1],
+                "fd_wall_s": pre["wall_time_s"] + fine["wall_time_s"],
+                "baseline_wall_s": base["wall_time_s"],
+            }
+        )
+    analysis = analyze(
+        out / f"finetune-s{args.seeds[0]}",
+        out / "analysis",
+        compare=out / f"baseline-s{args.seeds[0]}",
+        images=args.analysis_images,
+        landscape_images=args.analysis_images,
+    )
     fd, base = [r["fd"] for r in results], [r["baseline"] for r in results]
     rows = [
-        [f"feature distillation {pretrain_epochs} + fine-tuning {finetune_epochs} epochs", mean_std(fd), " ".join(f"{v:.2f}" for v in fd),
-         f"{statistics.mean(r['fd_wall_s'] for r in results):.0f} s"],
-        [f"baseline: random init, {total} epochs" + (" (layer decay)" if args.baseline_layer_decay else ""), mean_std(base), " ".join(f"{v:.2f}" for v in base),
-         f"{statistics.mean(r['baseline_wall_s'] for r in results):.0f} s"],
+        [
+            f"feature distillation {pretrain_epochs} + fine-tuning {finetune_epochs} epochs",
+            mean_std(fd),
+            " ".join(f"{v:.2f}" for v in fd),
+            f"{statistics.mean(r['fd_wall_s'] for r in results):.0f} s",
+        ],
+        [
+            f"baseline: random init, {total} epochs" + (" (layer decay)" if args.baseline_layer_decay else ""),
+            mean_std(base),
+            " ".join(f"{v:.2f}" for v in base),
+            f"{statistics.mean(r['baseline_wall_s'] for r in results):.0f} s",
+        ],
     ]
     print(format_table(["student", "top-1 last (%)", "per seed", "train time"], rows))
     gains = " ".join(f"{r['fd'] - r['baseline']:+.2f}" for r in results)
     print(f"teacher top-1 {teacher['final']['eval_top1']:.2f}; gain per seed: {gains}")
-    print("feature loss first -> last epoch: " + ", ".join(f"{r['feature_loss_first']:.4f} -> {r['feature_loss_last']:.4f}" for r in results))
+    print(
+        "feature loss first -> last epoch: " + ", ".join(f"{r['feature_loss_first']:.4f} -> {r['feature_loss_last']:.4f}" for r in results)
+    )
     for model in analysis["models"]:
         distance = model["layers"]["attention_distance"]
-        print(f"{model['label']}: mean attention distance per block {[round(sum(b) / len(b), 2) for b in distance]}, "
-              f"head similarity {[round(v, 3) for v in model['layers']['head_similarity']]}")
+        print(
+            f"{model['label']}: mean attention distance per block {[round(sum(b) / len(b), 2) for b in distance]}, "
+            f"head similarity {[round(v, 3) for v in model['layers']['head_similarity']]}"
+        )
     print(f"figures in {out / 'analysis'}; {time.perf_counter() - start:.0f} s in all")
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": results, "teacher_top1": teacher["final"]["eval_top1"]}, indent=2))

@@ -108,7 +108,9 @@ def test_mean_map_token_and_head_cosines():
 # ---------------------------------------------------------------------------- capture
 def _tiny_model(name: str = "deit_tiny_distilled_patch16_224", **kwargs) -> VisionModel:
     torch.manual_seed(0)
-    spec = ModelSpec(name=name, num_classes=10, kwargs={"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 3, "num_heads": 2, **kwargs})
+    spec = ModelSpec(
+        name=name, num_classes=10, kwargs={"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 3, "num_heads": 2, **kwargs}
+    )
     return VisionModel(create_backbone(spec), spec).eval()
 
 
@@ -237,8 +239,14 @@ def test_analyze_one_model(trained, tmp_path):
     assert result["images"] == 64 and result["compare"] is None and len(result["models"]) == 1
     _check_model_entry(result["models"][0], depth=2, heads=2, dist=True)
     assert set(result["figures"]) == {
-        "patch_similarity", "attention_std", "attention_distance", "head_similarity",
-        "attention_maps", "cls_dist_cosine", "landscape_1d", "landscape_2d",
+        "patch_similarity",
+        "attention_std",
+        "attention_distance",
+        "head_similarity",
+        "attention_maps",
+        "cls_dist_cosine",
+        "landscape_1d",
+        "landscape_2d",
     }
     report = (out / "report.md").read_text()
     for file in result["figures"].values():
@@ -250,7 +258,14 @@ def test_analyze_one_model(trained, tmp_path):
 def test_analyze_compare_and_a_cnn(trained, tmp_path):
     out = tmp_path / "compare"
     result = analyze(
-        trained["distilled"], out, compare=trained["plain"], images=48, landscape_images=32, landscape_steps=5, landscape_grid=3, device="cpu"
+        trained["distilled"],
+        out,
+        compare=trained["plain"],
+        images=48,
+        landscape_images=32,
+        landscape_steps=5,
+        landscape_grid=3,
+        device="cpu",
     )
     a, b = result["models"]
     assert (a["label"], b["label"]) == ("distilled", "plain")
@@ -264,7 +279,9 @@ def test_analyze_compare_and_a_cnn(trained, tmp_path):
         assert (out / file).stat().st_size > 1000 and f"]({file})" in report
 
     cnn_out = tmp_path / "cnn"
-    cnn = analyze(trained["cnn"], cnn_out, compare=trained["plain"], images=32, landscape_images=32, landscape_steps=3, landscape_grid=0, device="cpu")
+    cnn = analyze(
+        trained["cnn"], cnn_out, compare=trained["plain"], images=32, landscape_images=32, landscape_steps=3, landscape_grid=0, device="cpu"
+    )
     first = cnn["models"][0]
     assert first["attention"] is False and first["layers"] is None and "no attention/tokens" in first["note"]
     assert len(first["landscape"]["1d"]["loss"]) == 3 and "2d" not in first["landscape"]

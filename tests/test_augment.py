@@ -55,7 +55,7 @@ def test_beta_inverse_cdf_matches_the_distribution():
     for alpha in (0.1, 0.2, 0.8, 2.0):
         b = rng.beta(0, torch.arange(50000), "beta", alpha).double().numpy()
         left = b[b < 0.5]  # float32 is exact near 0 (near 1, values within 6e-8 round to 1.0)
-        result = stats.kstest(left, lambda x: 2 * stats.beta(alpha, alpha).cdf(x))
+        result = stats.kstest(left, lambda x, a=alpha: 2 * stats.beta(a, a).cdf(x))
         assert result.statistic < 0.01, (alpha, result)
 
 
@@ -111,7 +111,14 @@ def test_render_shift_pads_with_zeros_and_flip_mirrors():
 
 
 def test_rrc_boxes_respect_scale_and_stay_inside():
-    aug = Augmenter(synthetic_source(200, 32), AugmentConfig(input_size=16, crop="rrc", scale=(0.25, 0.5)), 0, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+    aug = Augmenter(
+        synthetic_source(200, 32),
+        AugmentConfig(input_size=16, crop="rrc", scale=(0.25, 0.5)),
+        0,
+        (0.5,) * 3,
+        (0.5,) * 3,
+        torch.device("cpu"),
+    )
     batch = aug.train_batch(torch.arange(200), epoch=0)
     b = batch.boxes
     assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= 32).all() and (b[:, 3] <= 32).all()
@@ -123,7 +130,14 @@ def test_mixing_records_are_consistent_with_pixels():
     aug = Augmenter(synthetic_source(64), FULL, 1, (0.0,) * 3, (1.0,) * 3, torch.device("cpu"))
     index = torch.arange(64)
     batch = aug.train_batch(index, epoch=0)
-    plain = Augmenter(synthetic_source(64), AugmentConfig(**{**FULL.__dict__, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}), 1, (0.0,) * 3, (1.0,) * 3, torch.device("cpu"))
+    plain = Augmenter(
+        synthetic_source(64),
+        AugmentConfig(**{**FULL.__dict__, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}),
+        1,
+        (0.0,) * 3,
+        (1.0,) * 3,
+        torch.device("cpu"),
+    )
     own = plain.train_batch(index, epoch=0).images
     other = plain.train_batch(batch.partner, epoch=0).images
     cut = (batch.mix_boxes[:, 2] > batch.mix_boxes[:, 0]) & (batch.mix_boxes[:, 3] > batch.mix_boxes[:, 1])
@@ -153,6 +167,8 @@ def test_label_targets_mix_with_lambda():
 
 
 def test_eval_views_are_deterministic_centre_crops():
-    aug = Augmenter(synthetic_source(4, 10), AugmentConfig(input_size=10, eval_crop_pct=1.0), 0, (0.0,) * 3, (1.0,) * 3, torch.device("cpu"))
+    aug = Augmenter(
+        synthetic_source(4, 10), AugmentConfig(input_size=10, eval_crop_pct=1.0), 0, (0.0,) * 3, (1.0,) * 3, torch.device("cpu")
+    )
     batch = aug.eval_batch(torch.arange(4))
     assert torch.allclose(batch.images * 255, synthetic_source(4, 10).images.permute(0, 3, 1, 2).float(), atol=1e-3)

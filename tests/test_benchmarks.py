@@ -24,12 +24,37 @@ def test_mean_std_over_seeds():
 
 def test_throughput_benchmark_reports_all_variants(tmp_path, capsys, monkeypatch):
     out = tmp_path / "throughput.json"
-    args = ["bench", "throughput", "--device", "cpu", "--batch-size", "4", "--warmup", "1", "--steps", "2", "--workers", "1",
-            "--synthetic-images", "16", "--cache", str(tmp_path / "cache"), "--json", str(out)]
+    args = [
+        "bench",
+        "throughput",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--workers",
+        "1",
+        "--synthetic-images",
+        "16",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--json",
+        str(out),
+    ]
     assert main([*args, "--regimes", "cifar32", "--teacher", "regnety_002"]) == 0
     report = json.loads(out.read_text())
     result = report["results"][0]
-    for key in ("a_bare_img_s", "b_pipeline_img_s", "c_pipeline_teacher_img_s", "d_loader_img_s", "d_loader_teacher_img_s", "e_pipeline_store_img_s"):
+    for key in (
+        "a_bare_img_s",
+        "b_pipeline_img_s",
+        "c_pipeline_teacher_img_s",
+        "d_loader_img_s",
+        "d_loader_teacher_img_s",
+        "e_pipeline_store_img_s",
+    ):
         assert result[key] > 0, key
     assert result["c_over_a"] == result["c_pipeline_teacher_img_s"] / result["a_bare_img_s"]
     assert report["machine"]["torch"]
@@ -54,10 +79,31 @@ def test_compare_seeds_script(tmp_path, monkeypatch, capsys):
     import sys
 
     shrink = ["optim.epochs=1", "data.train_limit=128", "data.eval_limit=64", "optim.batch_size=32", f"data.cache_dir={tmp_path}"]
-    argv = ["compare_seeds.py", "--data", "unused", "--seeds", "0", "1", "--runs", str(tmp_path / "runs"), "--analyze", "--analysis-images", "32",
-            "--json", str(tmp_path / "c.json"),
-            "--variant", "plain", "demo_student", *shrink,
-            "--variant", "diverse", "demo_student", *shrink, "model.token_head=true", "objective=[{term: ce}, {term: patch_cosine, weight: 0.5}]"]
+    argv = [
+        "compare_seeds.py",
+        "--data",
+        "unused",
+        "--seeds",
+        "0",
+        "1",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--analyze",
+        "--analysis-images",
+        "32",
+        "--json",
+        str(tmp_path / "c.json"),
+        "--variant",
+        "plain",
+        "demo_student",
+        *shrink,
+        "--variant",
+        "diverse",
+        "demo_student",
+        *shrink,
+        "model.token_head=true",
+        "objective=[{term: ce}, {term: patch_cosine, weight: 0.5}]",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(ROOT / "benchmarks" / "compare_seeds.py"), run_name="__main__")
     results = json.loads((tmp_path / "c.json").read_text())
@@ -74,8 +120,23 @@ def test_feature_distillation_digits_script(tmp_path, monkeypatch, capsys):
     from conftest import CACHE
 
     shrink = ["optim.epochs=1", "data.train_limit=128", "data.eval_limit=64", "optim.batch_size=32", f"data.cache_dir={CACHE}"]
-    argv = ["fd_seeds.py", "--seeds", "0", "1", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--output", str(tmp_path / "runs"),
-            "--analysis-images", "16", "--json", str(tmp_path / "fd.json"), *shrink]
+    argv = [
+        "fd_seeds.py",
+        "--seeds",
+        "0",
+        "1",
+        "--pretrain-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--output",
+        str(tmp_path / "runs"),
+        "--analysis-images",
+        "16",
+        "--json",
+        str(tmp_path / "fd.json"),
+        *shrink,
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(ROOT / "benchmarks" / "fd_seeds.py"), run_name="__main__")
     runs = json.loads((tmp_path / "fd.json").read_text())["runs"]

@@ -28,8 +28,17 @@ from vitdistill.validate import load_recipe
 def test_skip_step_skips_an_inf_gradient_with_a_finite_loss_up_to_the_limit(tmp_path):
     """max_skipped_steps=2: steps whose gradient is inf (loss finite) are skipped, weights untouched;
     the 2nd skip (N) is allowed, the 3rd (N + 1) stops the run."""
-    cfg = load_recipe("demo_student", tiny_run(tmp_path / "run", *TINY_DEIT, "data.train_limit=64", "data.eval_limit=32",
-                                               "engine.nan_policy=skip_step", "engine.max_skipped_steps=2"))
+    cfg = load_recipe(
+        "demo_student",
+        tiny_run(
+            tmp_path / "run",
+            *TINY_DEIT,
+            "data.train_limit=64",
+            "data.eval_limit=32",
+            "engine.nan_policy=skip_step",
+            "engine.max_skipped_steps=2",
+        ),
+    )
     (tmp_path / "run").mkdir()
     trainer = build_trainer(cfg, setup_distributed("cpu"), tmp_path / "run")
     params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -95,9 +104,20 @@ def test_token_targets_follow_the_warps_at_epoch_0_through_the_targets_path():
     keys = torch.arange(n)
     warped = rand_augment(images, targets.rng, 0, keys, spec, fill=(0.0, 1.0, 0.0))
     boxes, flips = torch.zeros(n, 4), torch.zeros(n, dtype=torch.bool)
-    batch = ViewBatch(images=warped, labels=torch.zeros(n, dtype=torch.long), index=keys, epoch=0, boxes=boxes, flips=flips, partner=keys,
-                      partner_labels=torch.zeros(n, dtype=torch.long), partner_boxes=boxes, partner_flips=flips, lam=torch.ones(n),
-                      mix_boxes=torch.zeros(n, 4))
+    batch = ViewBatch(
+        images=warped,
+        labels=torch.zeros(n, dtype=torch.long),
+        index=keys,
+        epoch=0,
+        boxes=boxes,
+        flips=flips,
+        partner=keys,
+        partner_labels=torch.zeros(n, dtype=torch.long),
+        partner_boxes=boxes,
+        partner_flips=flips,
+        lam=torch.ones(n),
+        mix_boxes=torch.zeros(n, 4),
+    )
     label = targets(batch).token_probs.argmax(-1)
     pixels = warped.view(n, 3, 8, 4, 8, 4).mean(dim=(3, 5)).flatten(2).transpose(1, 2)
     red, blue = pixels[..., 0] > 0.9, pixels[..., 2] > 0.9

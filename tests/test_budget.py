@@ -27,7 +27,9 @@ def test_bad_budget_is_one_line_naming_the_key():
 
 
 def test_the_plan_is_the_largest_schedule_that_fits():
-    kwargs = dict(budget_s=100.0, elapsed_s=10.0, steps_done=20, step_s=0.05, eval_s=2.0, checkpoint_s=0.5, steps_per_epoch=100, eval_every=1)
+    kwargs = dict(
+        budget_s=100.0, elapsed_s=10.0, steps_done=20, step_s=0.05, eval_s=2.0, checkpoint_s=0.5, steps_per_epoch=100, eval_every=1
+    )
     plan = plan_steps(**kwargs, max_steps=10**6)
 
     def cost(total):  # training + evaluations + checkpoints still to come, by hand
@@ -80,11 +82,24 @@ def test_bench_gpu_smoke_reports_every_stage_and_each_ends_on_time(tmp_path, cap
     assert list(report["stages"]) == ["throughput", "teacher", "distilled", "baseline", "store", "token_label"]
     assert all(stage["status"] == "done" for stage in report["stages"].values()), report["stages"]
     throughput = report["stages"]["throughput"]["result"]
-    assert not throughput["errors"] and all(throughput[k] > 0 for k in ("a_bare_img_s", "b_pipeline_img_s", "c_pipeline_teacher_img_s",
-                                                                          "d_loader_img_s", "d_loader_teacher_img_s", "e_pipeline_store_img_s"))
+    assert not throughput["errors"] and all(
+        throughput[k] > 0
+        for k in (
+            "a_bare_img_s",
+            "b_pipeline_img_s",
+            "c_pipeline_teacher_img_s",
+            "d_loader_img_s",
+            "d_loader_teacher_img_s",
+            "e_pipeline_store_img_s",
+        )
+    )
     for name in ("teacher", "distilled", "baseline"):
         stage = report["stages"][name]
-        assert stage["on_time"] and abs(stage["run_s"] - stage["budget_s"]) <= 0.15 * stage["budget_s"], (name, stage["run_s"], stage["budget_s"])
+        assert stage["on_time"] and abs(stage["run_s"] - stage["budget_s"]) <= 0.15 * stage["budget_s"], (
+            name,
+            stage["run_s"],
+            stage["budget_s"],
+        )
         assert 0 <= stage["top1_last"] <= 100 and stage["train_img_per_s"] > 0 and stage["command"].startswith("vitdistill train ")
     assert report["stages"]["distilled"]["budget_s"] == report["stages"]["baseline"]["budget_s"]  # equal budgets
     assert report["stages"]["teacher"]["top1_last"] > 30.0  # chance is 10%
@@ -103,8 +118,16 @@ def budget_after_first_plan(step_s: float, planned_end_s: float):
     from vitdistill.device import DistEnv
     from vitdistill.engine.budget import Budget
 
-    budget = Budget("60s", 0.0, DistEnv(0, 1, torch.device("cpu")), lambda: None, steps_per_epoch=8, eval_every=1, max_steps=8 * 1000,
-                    probe=lambda epoch: (0.01, 0.01))
+    budget = Budget(
+        "60s",
+        0.0,
+        DistEnv(0, 1, torch.device("cpu")),
+        lambda: None,
+        steps_per_epoch=8,
+        eval_every=1,
+        max_steps=8 * 1000,
+        probe=lambda epoch: (0.01, 0.01),
+    )
     budget.clock.now = 3.0
     budget.clock.elapsed = lambda: budget.clock.now
     budget.make_plan(8, step_s, announce=False)

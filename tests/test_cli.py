@@ -56,7 +56,9 @@ def test_demo_runs_all_three_stages(tmp_path):
         assert losses[1] < losses[0], name  # every stage learns
         assert run["top1"] == float(list(csv.DictReader(open(tmp_path / "demo" / name / "metrics.csv")))[-1]["eval_top1"])
     distilled = yaml.safe_load((tmp_path / "demo" / "distilled" / "config.yaml").read_text())
-    assert distilled["teacher"]["checkpoint"] == str((tmp_path / "demo" / "teacher" / "model.safetensors").resolve())  # stage 3 learns from stage 1
+    assert distilled["teacher"]["checkpoint"] == str(
+        (tmp_path / "demo" / "teacher" / "model.safetensors").resolve()
+    )  # stage 3 learns from stage 1
     assert result["distillation_gain"] == result["runs"]["distilled"]["top1"] - result["runs"]["student"]["top1"]
     run_demo(tmp_path / "demo", shrink)  # a second demo in the same folder starts afresh
 
@@ -64,7 +66,9 @@ def test_demo_runs_all_three_stages(tmp_path):
 def test_console_script_entry_point(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vitdistill", "recipes"], capture_output=True, text=True, check=True)
     assert "deit_tiny_distilled_cifar10" in done.stdout
-    done = subprocess.run([sys.executable, "-m", "vitdistill", "config", "demo_teacher", "optim.epochs=3"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitdistill", "config", "demo_teacher", "optim.epochs=3"], capture_output=True, text=True, check=True
+    )
     assert "epochs: 3" in done.stdout
     bad = subprocess.run([sys.executable, "-m", "vitdistill", "train", "demo_teacher", "optim.nope=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "optim.nope" in bad.stderr

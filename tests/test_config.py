@@ -103,9 +103,21 @@ PINNED_OBJECTIVES = {
         {"term": "ce", "weight": 0.5, "head": "cls", "smoothing": 0.1},
         {"term": "kd_soft", "weight": 0.5, "head": "dist", "tau": 3.0, "normalization": "batchmean"},
     ],
-    "tiny_vit_5m_store_cifar10": [{"term": "kd_soft", "weight": 1.0, "head": "auto", "tau": 1.0, "normalization": "batchmean"}],  # label-free
+    "tiny_vit_5m_store_cifar10": [
+        {"term": "kd_soft", "weight": 1.0, "head": "auto", "tau": 1.0, "normalization": "batchmean"}
+    ],  # label-free
     "deit_tiny_token_label_cifar10": [
-        {"term": "token_label", "weight": 1.0, "head": "auto", "beta": 0.5, "cls_target": "label", "cls_mix": 0.5, "smoothing": 0.1, "mixtoken": True, "mixtoken_box": "sample"}
+        {
+            "term": "token_label",
+            "weight": 1.0,
+            "head": "auto",
+            "beta": 0.5,
+            "cls_target": "label",
+            "cls_mix": 0.5,
+            "smoothing": 0.1,
+            "mixtoken": True,
+            "mixtoken_box": "sample",
+        }
     ],
     "deit_tiny_diverse_cifar10": [
         {"term": "ce", "weight": 1.0, "head": "auto", "smoothing": 0.1},

@@ -33,7 +33,7 @@ def test_run_curves_are_the_metrics_columns(tmp_path):
     assert set(series) == {"loss", "lr", "top1"}
     assert {"train_loss", "train_ce", "eval_loss"} <= set(series["loss"]) and "train_img_per_s" not in series["loss"]
     assert set(series["top1"]) == {"eval_top1", "ema_top1"}  # one head: no per-head columns
-    for panel, columns in series.items():
+    for _panel, columns in series.items():
         for name, (epochs, values) in columns.items():
             assert (epochs, values) == _csv_column(run, name)
     assert series["top1"]["eval_top1"][0] == [2, 3]  # evaluated every 2 epochs and at the end

@@ -141,10 +141,16 @@ def test_a_file_without_read_permission_is_not_recorded_as_corrupt(tmp_path):
 
 # ------------------------------------------------------------------ 6. subfolders of a class folder
 def test_subfolders_of_a_class_folder_are_walked_like_torchvision(tmp_path):
-    root = folder(tmp_path / "d", {
-        "a/top.png": noise(4, 4, 0), "a/sub/deep.png": noise(4, 4, 1), "a/sub/more/deeper.png": noise(4, 4, 2),
-        "a/sub/notes.txt.png": noise(4, 4, 3), "b/y.png": noise(4, 4, 4),
-    })
+    root = folder(
+        tmp_path / "d",
+        {
+            "a/top.png": noise(4, 4, 0),
+            "a/sub/deep.png": noise(4, 4, 1),
+            "a/sub/more/deeper.png": noise(4, 4, 2),
+            "a/sub/notes.txt.png": noise(4, 4, 3),
+            "b/y.png": noise(4, 4, 4),
+        },
+    )
     (root / "train" / "a" / "sub" / "readme.txt").write_text("not an image")
     source = open_source(cfg_for(tmp_path, root), "train")
     assert source.names == ["a/sub/deep.png", "a/sub/more/deeper.png", "a/sub/notes.txt.png", "a/top.png", "b/y.png"]
@@ -192,7 +198,9 @@ def test_a_full_disk_under_the_decode_cache_is_one_line_and_leaves_no_temporary(
 
     monkeypatch.setattr(decoded.shutil, "disk_usage", lambda path: Usage)
     monkeypatch.setattr(records.shutil, "disk_usage", lambda path: Usage)
-    with pytest.raises(UserError, match=r"\(raw\) records need about .* free; set data.records=jpeg.*data.cache_dir"):  # the check before any record is written
+    with pytest.raises(
+        UserError, match=r"\(raw\) records need about .* free; set data.records=jpeg.*data.cache_dir"
+    ):  # the check before any record is written
         open_source(cfg_for(tmp_path, root, records="raw"), "train")
     monkeypatch.undo()
 
@@ -246,23 +254,38 @@ def no_decoding(monkeypatch):
 def run_args(tmp_path, root, *extra):
     from conftest import tiny_run
 
-    return ["train", "demo_student_distilled", *tiny_run(
-        tmp_path / "run", "data.source=imagefolder", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.train_limit=null",
-        "data.eval_limit=null", "augment.input_size=8", "model.img_size=8", "model.patch_size=2",
-        "model.kwargs={embed_dim: 32, depth: 2, num_heads: 2}", *extra,
-    )]
+    return [
+        "train",
+        "demo_student_distilled",
+        *tiny_run(
+            tmp_path / "run",
+            "data.source=imagefolder",
+            f"data.root={root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.train_limit=null",
+            "data.eval_limit=null",
+            "augment.input_size=8",
+            "model.img_size=8",
+            "model.patch_size=2",
+            "model.kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
+            *extra,
+        ),
+    ]
 
 
 def digit_folder(root: Path, classes=10) -> Path:
     return folder(root, {f"{c}/{i}.png": noise(8, 8, 10 * c + i) for c in range(classes) for i in range(2)})
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["teacher.checkpoint=/nowhere/teacher.safetensors"], "teacher.checkpoint: /nowhere/teacher.safetensors does not exist"),
-    (["teacher.store=/nowhere/store", "teacher.checkpoint=null"], "teacher.store: /nowhere/store does not exist"),
-    (["model.kwargs={embed_dim: 32, depth: 2, num_heads: 2, no_such_key: 1}"], "no_such_key"),
-    (["augment.input_size=9"], "augment.input_size"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["teacher.checkpoint=/nowhere/teacher.safetensors"], "teacher.checkpoint: /nowhere/teacher.safetensors does not exist"),
+        (["teacher.store=/nowhere/store", "teacher.checkpoint=null"], "teacher.store: /nowhere/store does not exist"),
+        (["model.kwargs={embed_dim: 32, depth: 2, num_heads: 2, no_such_key: 1}"], "no_such_key"),
+        (["augment.input_size=9"], "augment.input_size"),
+    ],
+)
 def test_a_bad_teacher_or_model_is_one_line_before_any_image_is_decoded(tmp_path, capsys, no_decoding, tiny_teacher, extra, message):
     from vitdistill.cli import main
 
@@ -308,7 +331,13 @@ def test_the_write_probe_leaves_nothing_behind(tmp_path):
         check_writable(tmp_path / "file" / "run")
 
 
-@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 3200 vs 3110")])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 3200 vs 3110"),
+    ],
+)
 def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_path, capsys, monkeypatch, failure):
     from conftest import tiny_run
 

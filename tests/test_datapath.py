@@ -112,7 +112,9 @@ def test_compiled_views_match_eager_views_and_compile_once():
     """augment.compile: the view function is compiled once; epochs are inputs, not constants."""
     import torch._dynamo
 
-    cfg = AugmentConfig(input_size=8, crop="rrc", hflip=0.5, rand_augment="rand-m9-mstd0.5-inc1", erase_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0)
+    cfg = AugmentConfig(
+        input_size=8, crop="rrc", hflip=0.5, rand_augment="rand-m9-mstd0.5-inc1", erase_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0
+    )
     source = synthetic_source(32, 8)
     eager = Augmenter(source, cfg, 1, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
     compiled = Augmenter(source, AugmentConfig(**{**cfg.__dict__, "compile": True}), 1, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))

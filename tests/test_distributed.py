@@ -14,11 +14,25 @@ from vitdistill import load_recipe, train
 
 
 def test_two_processes_match_one(tmp_path, tiny_teacher):
-    overrides = tiny_run(tmp_path / "one", *TINY_DEIT, f"teacher.checkpoint={tiny_teacher}", "augment.cutmix_alpha=1.0", "engine.device=cpu")
+    overrides = tiny_run(
+        tmp_path / "one", *TINY_DEIT, f"teacher.checkpoint={tiny_teacher}", "augment.cutmix_alpha=1.0", "engine.device=cpu"
+    )
     single = train(load_recipe("demo_student_distilled", overrides))
     two = [o.replace(str(tmp_path / "one"), str(tmp_path / "two")) for o in overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VITDISTILL_PROGRESS": "0"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitdistill", "train", "demo_student_distilled", *two]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vitdistill",
+        "train",
+        "demo_student_distilled",
+        *two,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = load_file(str(single.output / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
@@ -34,13 +48,32 @@ def test_two_processes_write_the_same_store_as_one(tmp_path, tiny_teacher):
     from vitdistill.store import Manifest, write_store
 
     def overrides(folder):
-        return tiny_run(tmp_path / "unused", f"teacher.checkpoint={tiny_teacher}", f"store.path={folder}", "store.epochs=2", "store.k=3",
-                        "augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", "engine.device=cpu")
+        return tiny_run(
+            tmp_path / "unused",
+            f"teacher.checkpoint={tiny_teacher}",
+            f"store.path={folder}",
+            "store.epochs=2",
+            "store.k=3",
+            "augment.mixup_alpha=0.8",
+            "augment.cutmix_alpha=1.0",
+            "engine.device=cpu",
+        )
 
     write_store(load_recipe("demo_student_distilled", overrides(tmp_path / "one")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VITDISTILL_PROGRESS": "0"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitdistill", "cache",
-           "demo_student_distilled", *overrides(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vitdistill",
+        "cache",
+        "demo_student_distilled",
+        *overrides(tmp_path / "two"),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = Manifest.read(tmp_path / "one"), Manifest.read(tmp_path / "two")

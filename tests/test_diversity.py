@@ -22,6 +22,7 @@ from vitdistill.objective.diversity import patch_targets
 def patch_own_share(batch, n):
     return token_own_share(batch.mix_boxes, batch.lam, batch.images.shape[-2:], n)
 
+
 C = 3
 
 

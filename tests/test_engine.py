@@ -40,8 +40,15 @@ def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_teacher):
-    overrides = [*TINY_DEIT, "model.drop_path=0.1", "augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", f"teacher.checkpoint={tiny_teacher}", "optim.epochs=3",
-                 "engine.ema_decay=0.9"]
+    overrides = [
+        *TINY_DEIT,
+        "model.drop_path=0.1",
+        "augment.mixup_alpha=0.8",
+        "augment.cutmix_alpha=1.0",
+        f"teacher.checkpoint={tiny_teacher}",
+        "optim.epochs=3",
+        "engine.ema_decay=0.9",
+    ]
     straight = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "straight", *overrides)))
 
     with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
@@ -75,7 +82,19 @@ def test_outputs_checkpoint_and_the_teacher_never_saved(tmp_path, tiny_teacher):
     blob = open(out / "checkpoint.pt", "rb").read()
     assert b"features.0.0.weight" not in blob  # the teacher's first conv, by name
     header = next(csv.reader(open(out / "metrics.csv")))
-    for column in ("epoch", "train_loss", "train_ce@cls", "train_kd_hard@dist", "lr", "eval_top1", "eval_top1_cls", "eval_top1_dist", "eval_top1_mean", "eval_top5", "train_img_per_s"):
+    for column in (
+        "epoch",
+        "train_loss",
+        "train_ce@cls",
+        "train_kd_hard@dist",
+        "lr",
+        "eval_top1",
+        "eval_top1_cls",
+        "eval_top1_dist",
+        "eval_top1_mean",
+        "eval_top5",
+        "train_img_per_s",
+    ):
         assert column in header, column
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["final"]["eval_top1"] == result.final["eval_top1"]
@@ -84,7 +103,14 @@ def test_outputs_checkpoint_and_the_teacher_never_saved(tmp_path, tiny_teacher):
 def test_inference_head_is_the_mean_of_the_heads(tmp_path, tiny_teacher):
     result = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "run", *TINY_DEIT, f"teacher.checkpoint={tiny_teacher}")))
     model = load_model(result.output)
-    views = Augmenter(open_source(DataConfig(source="digits"), "test", 128), load_recipe("demo_student_distilled").augment, 0, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+    views = Augmenter(
+        open_source(DataConfig(source="digits"), "test", 128),
+        load_recipe("demo_student_distilled").augment,
+        0,
+        (0.5,) * 3,
+        (0.5,) * 3,
+        torch.device("cpu"),
+    )
     batch = views.eval_batch(torch.arange(128))
     with torch.no_grad():  # both heads by hand, from the backbone's tokens
         net = model.backbone
@@ -102,7 +128,9 @@ def test_a_run_folder_is_not_overwritten_and_resume_checks_the_recipe(tmp_path):
     train(cfg)
     with pytest.raises(UserError, match="--resume"):
         train(cfg)
-    changed = load_recipe("demo_teacher", tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny", "optim.epochs=2", "optim.lr=0.1"))
+    changed = load_recipe(
+        "demo_teacher", tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny", "optim.epochs=2", "optim.lr=0.1")
+    )
     with pytest.raises(UserError, match="optim.lr"):
         train(changed, resume=True)
     longer = load_recipe("demo_teacher", tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny", "optim.epochs=2"))
@@ -121,7 +149,9 @@ def test_ema_weights_are_exported_and_evaluated(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", record)
-    result = train(load_recipe("demo_teacher", tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny", f"engine.ema_decay={decay}")))
+    result = train(
+        load_recipe("demo_teacher", tiny_run(tmp_path / "run", "model.name=vitdistill_convnet_tiny", f"engine.ema_decay={decay}"))
+    )
     expected = dict(snapshots[0])
     for snapshot in snapshots[1:]:
         expected = {k: decay * expected[k] + (1 - decay) * snapshot[k] for k in expected}

@@ -38,10 +38,13 @@ def digits_folder(root, split="test", rename=None, drop=None, extra=None):
     return root
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"rename": {"3": "zebra"}}, "the model's 3 not in the data; the data's zebra unknown to the model"),
-    ({"drop": "7", "extra": "x"}, "the model's 7 not in the data; the data's x unknown to the model"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"rename": {"3": "zebra"}}, "the model's 3 not in the data; the data's zebra unknown to the model"),
+        ({"drop": "7", "extra": "x"}, "the model's 7 not in the data; the data's x unknown to the model"),
+    ],
+)
 def test_eval_names_the_class_difference(run, tmp_path, capsys, change, words):
     folder = digits_folder(tmp_path / "data", **change)
     assert main(["eval", str(run), "--data", str(folder), f"data.cache_dir={CACHE}"]) == 2
@@ -71,7 +74,13 @@ def test_data_keeps_the_run_split_and_reads_hf_folders(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "dataset_dict.json").write_text('{"splits": ["validation"]}')
     cfg = data_config_for(recipe, str(tmp_path / "hf"), [])
-    assert (cfg.source, cfg.root, cfg.eval_split, cfg.image_column, cfg.label_column) == ("hf", str(tmp_path / "hf"), "validation", "img", "fine")
+    assert (cfg.source, cfg.root, cfg.eval_split, cfg.image_column, cfg.label_column) == (
+        "hf",
+        str(tmp_path / "hf"),
+        "validation",
+        "img",
+        "fine",
+    )
     (tmp_path / "pq" / "data").mkdir(parents=True)
     (tmp_path / "pq" / "data" / "validation-00000-of-00001.parquet").write_bytes(b"")
     assert data_config_for(recipe, str(tmp_path / "pq"), []).source == "hf"

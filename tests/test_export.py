@@ -149,7 +149,12 @@ print(type(model).__name__, sum(p.numel() for p in model.parameters()))
     "cfg, architecture, kind, needs_vitdistill",
     [
         (ModelConfig(name="resnet18", small_input_stem=True), "vitdistill_small_stem", "ResNet", True),
-        (ModelConfig(name="lvvit_tiny", img_size=16, patch_size=4, kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}), "lvvit_tiny", "LVViT", True),
+        (
+            ModelConfig(name="lvvit_tiny", img_size=16, patch_size=4, kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}),
+            "lvvit_tiny",
+            "LVViT",
+            True,
+        ),
         (ModelConfig(name="tiny_vit_5m_224", img_size=16), "tiny_vit_5m_224", "TinyVit", False),
     ],
 )

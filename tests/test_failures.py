@@ -45,10 +45,22 @@ def make_imagefolder(root: Path, classes=("a", "b", "c"), per_class=12, size=(32
 
 
 def folder_run(tmp_path, root, *extra):
-    return load_recipe("demo_teacher", tiny_run(
-        tmp_path / "run", CONVNET, "data.source=imagefolder", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}",
-        "data.train_limit=null", "data.eval_limit=null", "augment.input_size=32", "optim.batch_size=8", "optim.epochs=1", *extra,
-    ))
+    return load_recipe(
+        "demo_teacher",
+        tiny_run(
+            tmp_path / "run",
+            CONVNET,
+            "data.source=imagefolder",
+            f"data.root={root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.train_limit=null",
+            "data.eval_limit=null",
+            "augment.input_size=32",
+            "optim.batch_size=8",
+            "optim.epochs=1",
+            *extra,
+        ),
+    )
 
 
 # ------------------------------------------------------------------ 1. divergence
@@ -100,8 +112,20 @@ def test_non_finite_weights_with_a_finite_loss_are_never_saved(tmp_path, monkeyp
 def test_the_reported_divergence_exits_with_one_line_and_saves_nothing_non_finite(tmp_path, capsys):
     """The issue's own command, on 36 random 32x32 images in 3 classes (losses stayed finite)."""
     root = make_imagefolder(tmp_path / "random")
-    args = ["train", "demo_teacher", "optim.lr=1000", "optim.epochs=4", "optim.warmup_epochs=2", "optim.warmup_lr=1e-6", f"output={tmp_path / 'x'}",
-            "data.source=imagefolder", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "augment.input_size=32", "optim.batch_size=8"]
+    args = [
+        "train",
+        "demo_teacher",
+        "optim.lr=1000",
+        "optim.epochs=4",
+        "optim.warmup_epochs=2",
+        "optim.warmup_lr=1e-6",
+        f"output={tmp_path / 'x'}",
+        "data.source=imagefolder",
+        f"data.root={root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "augment.input_size=32",
+        "optim.batch_size=8",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "diverged" in err
@@ -128,7 +152,9 @@ def test_skip_step_policy_skips_and_counts_the_bad_update(tmp_path, monkeypatch)
     assert nonfinite(load_file(str(result.output / "model.safetensors"))) == 0
     calls["n"] = 0
     with pytest.raises(TrainingDiverged, match="1 steps with a non-finite loss"):
-        train(load_recipe("demo_teacher", tiny_run(tmp_path / "strict", CONVNET, "engine.nan_policy=skip_step", "engine.max_skipped_steps=0")))
+        train(
+            load_recipe("demo_teacher", tiny_run(tmp_path / "strict", CONVNET, "engine.nan_policy=skip_step", "engine.max_skipped_steps=0"))
+        )
 
 
 # ------------------------------------------------------------------ 2. bad data
@@ -136,8 +162,22 @@ def test_a_corrupt_image_is_named_and_leaves_no_temporary_files(tmp_path, capsys
     root = make_imagefolder(tmp_path / "data")
     bad = root / "train" / "b" / "3.png"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated
-    assert main(["train", "demo_teacher", *tiny_run(tmp_path / "run", CONVNET), "data.source=imagefolder", f"data.root={root}",
-                 f"data.cache_dir={tmp_path / 'cache'}", "data.train_limit=null", "augment.input_size=32", "optim.batch_size=8"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "demo_teacher",
+                *tiny_run(tmp_path / "run", CONVNET),
+                "data.source=imagefolder",
+                f"data.root={root}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "data.train_limit=null",
+                "augment.input_size=32",
+                "optim.batch_size=8",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(bad) in err and "data.on_corrupt=skip" in err
     assert not list((tmp_path / "cache").rglob("*tmp*"))
@@ -169,8 +209,19 @@ def test_a_truncated_archive_is_one_line_and_leaves_nothing_behind(tmp_path, cap
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(root, arcname="data")
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
-    assert main(["train", "demo_teacher", *tiny_run(tmp_path / "run", CONVNET), "data.source=imagefolder", f"data.root={archive}",
-                 f"data.cache_dir={tmp_path / 'cache'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "demo_teacher",
+                *tiny_run(tmp_path / "run", CONVNET),
+                "data.source=imagefolder",
+                f"data.root={archive}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "damaged or incomplete" in err and str(archive) in err
     assert not list((tmp_path / "cache" / "archives").iterdir())
@@ -192,7 +243,9 @@ def test_an_edited_image_is_decoded_again(tmp_path):
 
 # ------------------------------------------------------------------ 4. store repair
 def test_cache_rewrites_damaged_and_missing_epochs_and_training_checks_them_first(tmp_path, tiny_teacher, capsys):
-    args = tiny_run(tmp_path / "unused", f"teacher.checkpoint={tiny_teacher}", f"store.path={tmp_path / 'store'}", "store.epochs=3", "store.k=3")
+    args = tiny_run(
+        tmp_path / "unused", f"teacher.checkpoint={tiny_teacher}", f"store.path={tmp_path / 'store'}", "store.epochs=3", "store.k=3"
+    )
     cfg = load_recipe("demo_student_distilled", args)
     write_store(cfg)
     folder = tmp_path / "store"
@@ -202,7 +255,10 @@ def test_cache_rewrites_damaged_and_missing_epochs_and_training_checks_them_firs
     (folder / "epoch_0001.bin").write_bytes(bytes(data))
     (folder / "epoch_0002.bin").unlink()
 
-    student = load_recipe("demo_student_distilled", tiny_run(tmp_path / "student", *TINY_DEIT, f"teacher.store={folder}", f"teacher.checkpoint={tiny_teacher}", "optim.epochs=3"))
+    student = load_recipe(
+        "demo_student_distilled",
+        tiny_run(tmp_path / "student", *TINY_DEIT, f"teacher.store={folder}", f"teacher.checkpoint={tiny_teacher}", "optim.epochs=3"),
+    )
     with pytest.raises(UserError, match="2 epoch files are damaged or missing"):
         train(student)
     assert not (tmp_path / "student" / "checkpoint.pt").exists()  # refused at start-up, not in epoch 2
@@ -285,8 +341,22 @@ def test_an_empty_class_folder_is_an_error_naming_it(tmp_path):
 def test_run_files_are_readable_and_paths_absolute_so_eval_works_elsewhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_imagefolder(tmp_path / "data")
-    result = train(load_recipe("demo_teacher", tiny_run(Path("runs/x"), CONVNET, "data.source=imagefolder", "data.root=data", "data.cache_dir=cache",
-                                                         "data.train_limit=null", "augment.input_size=32", "optim.batch_size=8", "optim.epochs=1")))
+    result = train(
+        load_recipe(
+            "demo_teacher",
+            tiny_run(
+                Path("runs/x"),
+                CONVNET,
+                "data.source=imagefolder",
+                "data.root=data",
+                "data.cache_dir=cache",
+                "data.train_limit=null",
+                "augment.input_size=32",
+                "optim.batch_size=8",
+                "optim.epochs=1",
+            ),
+        )
+    )
     mask = os.umask(0)
     os.umask(mask)
     for name in ("model.safetensors", "checkpoint.pt", "config.yaml", "metrics.csv"):

@@ -32,8 +32,12 @@ from vitdistill.targets import OnlineTeacher, TeacherPrediction, TeacherSource
 SIZE = 8  # 8x8 views, 2x2 patches: a 4x4 token grid
 
 
-def vit(name: str, classes: int = 5, **kwargs) -> "torch.nn.Module":
-    return build_model(ModelConfig(name=name, img_size=SIZE, patch_size=2, kwargs={"embed_dim": 24, "depth": 2, "num_heads": 2, **kwargs}), classes, input_size=SIZE).eval()
+def vit(name: str, classes: int = 5, **kwargs) -> torch.nn.Module:
+    return build_model(
+        ModelConfig(name=name, img_size=SIZE, patch_size=2, kwargs={"embed_dim": 24, "depth": 2, "num_heads": 2, **kwargs}),
+        classes,
+        input_size=SIZE,
+    ).eval()
 
 
 def randomise(norm: nn.LayerNorm) -> None:
@@ -157,7 +161,11 @@ class ClassTokenFeatures(TeacherSource):
 def test_the_class_token_enters_the_loss_only_when_asked():
     def grads(class_token: bool) -> torch.Tensor:
         torch.manual_seed(3)
-        student = SimpleNamespace(token_grid=(2, 2), spec=SimpleNamespace(name="s", input_size=8), backbone=SimpleNamespace(num_features=3, cls_token=torch.zeros(1, 1, 3)))
+        student = SimpleNamespace(
+            token_grid=(2, 2),
+            spec=SimpleNamespace(name="s", input_size=8),
+            backbone=SimpleNamespace(num_features=3, cls_token=torch.zeros(1, 1, 3)),
+        )
         teacher = ClassTokenFeatures()
         objective = feature_term(student, teacher, class_token=class_token)
         tokens = (torch.randn(2, 1 + 4, 3) * 2).requires_grad_(True)
@@ -188,14 +196,22 @@ def test_class_token_needs_one_on_both_sides_and_cnns_have_no_final_norm():
 # ---------------------------------------------------------------------------- the settings the paper recipes need
 def test_truncated_init_is_the_references():
     torch.manual_seed(4)
-    cfg = ModelConfig(name="beit_base_patch16_224", img_size=32, patch_size=4, init_truncation=1.0, kwargs={"embed_dim": 192, "depth": 3, "num_heads": 3, "use_abs_pos_emb": True})
+    cfg = ModelConfig(
+        name="beit_base_patch16_224",
+        img_size=32,
+        patch_size=4,
+        init_truncation=1.0,
+        kwargs={"embed_dim": 192, "depth": 3, "num_heads": 3, "use_abs_pos_emb": True},
+    )
     model = build_model(cfg, 10, input_size=32)
     net = model.backbone
     qkv = net.blocks[0].attn.qkv.weight
     assert qkv.abs().max() <= 0.02 + 1e-7 and qkv.std().item() == pytest.approx(0.02 * 0.5377, rel=0.03)  # N(0, 0.02^2) cut at +-1 std
     for name in ("pos_embed", "cls_token"):
         assert getattr(net, name).abs().max() <= 0.02 + 1e-7
-    assert net.patch_embed.proj.weight.abs().max() <= 0.02 + 1e-7 and torch.equal(net.blocks[0].mlp.fc1.bias, torch.zeros_like(net.blocks[0].mlp.fc1.bias))
+    assert net.patch_embed.proj.weight.abs().max() <= 0.02 + 1e-7 and torch.equal(
+        net.blocks[0].mlp.fc1.bias, torch.zeros_like(net.blocks[0].mlp.fc1.bias)
+    )
     for i, block in enumerate(net.blocks):  # BEiT's rescaling, after the draw
         assert block.mlp.fc2.weight.abs().max() <= 0.02 / math.sqrt(2 * (i + 1)) + 1e-7
     assert net.head.weight.abs().max() > 0 and net.head.weight.abs().max() < 1e-3  # the head keeps timm's (x head_init_scale 0.001)
@@ -205,7 +221,16 @@ def test_truncated_init_is_the_references():
 
 def shared_floor_lrs(layer_decay_scales_floor: bool):
     model = vit("beit_base_patch16_224", use_abs_pos_emb=False, use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
-    cfg = OptimConfig(epochs=4, lr=1e-3, lr_base_batch=None, warmup_epochs=1, warmup_lr=1e-6, min_lr=2e-6, layer_decay=0.5, layer_decay_scales_floor=layer_decay_scales_floor)
+    cfg = OptimConfig(
+        epochs=4,
+        lr=1e-3,
+        lr_base_batch=None,
+        warmup_epochs=1,
+        warmup_lr=1e-6,
+        min_lr=2e-6,
+        layer_decay=0.5,
+        layer_decay_scales_floor=layer_decay_scales_floor,
+    )
     optimizer = build_optimizer(model.backbone, [], cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
     trace = []
@@ -233,7 +258,10 @@ def test_weight_decay_on_relative_position_tables_and_not_on_the_projectors_bias
     decay_of = {}
     for flag in (False, True):
         optimizer = build_optimizer(model.backbone, list(projector.parameters()), OptimConfig(weight_decay=0.05, decay_rel_pos_bias=flag))
-        named = {id(p): n for n, p in model.backbone.named_parameters()} | {id(projector.weight): "projector.weight", id(projector.bias): "projector.bias"}
+        named = {id(p): n for n, p in model.backbone.named_parameters()} | {
+            id(projector.weight): "projector.weight",
+            id(projector.bias): "projector.bias",
+        }
         decay_of[flag] = {named[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     table = "rel_pos_bias.relative_position_bias_table"
     assert decay_of[False][table] == 0.0 and decay_of[True][table] == 0.05

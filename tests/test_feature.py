@@ -39,7 +39,9 @@ def digits():
 
 def beit(kwargs: dict, num_classes: int = 10, **model):
     base = dict(embed_dim=32, depth=2, num_heads=2, use_abs_pos_emb=False)
-    return build_model(ModelConfig(name="beit_base_patch16_224", img_size=8, patch_size=2, kwargs={**base, **kwargs}, **model), num_classes, input_size=8)
+    return build_model(
+        ModelConfig(name="beit_base_patch16_224", img_size=8, patch_size=2, kwargs={**base, **kwargs}, **model), num_classes, input_size=8
+    )
 
 
 # ---------------------------------------------------------------------------- equations
@@ -49,7 +51,9 @@ def test_whitening_is_a_layernorm_over_channels_without_affine():
     var = ((t - mu) ** 2).sum(-1, keepdim=True) / 7  # biased, as LayerNorm
     assert torch.allclose(whiten(t), (t - mu) / torch.sqrt(var + 1e-6), atol=1e-6)
     w = whiten(t)
-    assert torch.allclose(w.mean(-1), torch.zeros(2, 5), atol=1e-6) and torch.allclose(w.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-4)
+    assert torch.allclose(w.mean(-1), torch.zeros(2, 5), atol=1e-6) and torch.allclose(
+        w.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-4
+    )
 
 
 class FeatureMaps(TeacherSource):
@@ -68,7 +72,9 @@ class FeatureMaps(TeacherSource):
 def feature_objective(beta: float, width: int, channels: int, grid=(2, 2), **params) -> Objective:
     """A ``feature`` objective set up for a stand-in student and teacher of the given widths."""
     objective = Objective([{"term": "feature", "beta": beta, **params}], 10, False)
-    student = SimpleNamespace(token_grid=grid, spec=SimpleNamespace(name="student", input_size=8), backbone=SimpleNamespace(num_features=width))
+    student = SimpleNamespace(
+        token_grid=grid, spec=SimpleNamespace(name="student", input_size=8), backbone=SimpleNamespace(num_features=width)
+    )
     teacher = FeatureMaps((channels, *grid))
     objective.setup(student, 0, teacher)
     return objective
@@ -86,7 +92,9 @@ def test_feature_loss_matches_its_equation_for_each_beta(beta):
     assert projector.weight.shape == (4, 3)
     tokens = torch.randn(2, 1 + 4, 3) * 4  # one prefix token, 2x2 patches: differences straddle every beta
     teacher_map = torch.randn(2, 4, 2, 2) * 5 + 1
-    loss, _ = objective(ModelOutput(torch.zeros(2, 10), tokens=tokens, num_prefix=1), batch_of([0, 1], size=8), TeacherPrediction(features=teacher_map))
+    loss, _ = objective(
+        ModelOutput(torch.zeros(2, 10), tokens=tokens, num_prefix=1), batch_of([0, 1], size=8), TeacherPrediction(features=teacher_map)
+    )
     w, b = projector.weight.detach().tolist(), projector.bias.detach().tolist()
     total, count = 0.0, 0
     for n in range(2):
@@ -100,14 +108,22 @@ def test_feature_loss_matches_its_equation_for_each_beta(beta):
                 total += smooth_l1(p - (t[c] - mu) / sd, beta)
                 count += 1
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
-    others = [feature_objective(other, 3, 4)(ModelOutput(torch.zeros(2, 10), tokens=tokens, num_prefix=1), batch_of([0, 1], size=8), TeacherPrediction(features=teacher_map))[0] for other in (0.5, 2.0, 6.0) if other != beta]
+    others = [
+        feature_objective(other, 3, 4)(
+            ModelOutput(torch.zeros(2, 10), tokens=tokens, num_prefix=1), batch_of([0, 1], size=8), TeacherPrediction(features=teacher_map)
+        )[0]
+        for other in (0.5, 2.0, 6.0)
+        if other != beta
+    ]
     assert all(abs(o.item() - loss.item()) > 1e-3 for o in others)  # beta changes the value
 
 
 def test_feature_loss_trains_the_projector_not_the_teacher():
     objective = feature_objective(2.0, width=3, channels=4)
     tokens = torch.randn(2, 4, 3, requires_grad=True)
-    loss, parts = objective(ModelOutput(torch.zeros(2, 10), tokens=tokens), batch_of([0, 1], size=8), TeacherPrediction(features=torch.randn(2, 4, 2, 2)))
+    loss, parts = objective(
+        ModelOutput(torch.zeros(2, 10), tokens=tokens), batch_of([0, 1], size=8), TeacherPrediction(features=torch.randn(2, 4, 2, 2))
+    )
     loss.backward()
     assert tokens.grad is not None and objective.terms[0].projector.weight.grad is not None
     assert list(parts) == ["feature"]
@@ -156,7 +172,10 @@ def test_cnn_teacher_features_on_another_grid():
 
 
 def test_vit_teacher_features_drop_prefix_tokens_and_keep_its_width():
-    vit = build_model(ModelConfig(name="deit_tiny_distilled_patch16_224", img_size=8, patch_size=2, kwargs={"embed_dim": 48, "depth": 2, "num_heads": 2}), 5).eval()
+    vit = build_model(
+        ModelConfig(name="deit_tiny_distilled_patch16_224", img_size=8, patch_size=2, kwargs={"embed_dim": 48, "depth": 2, "num_heads": 2}),
+        5,
+    ).eval()
     teacher = teacher_from(vit, logits=True, norm=False)  # the raw block output
     views = batch_of([0, 1], size=8)
     views.images = torch.randn(2, 3, 8, 8)
@@ -190,30 +209,49 @@ def test_a_teacher_of_other_classes_teaches_features_but_not_logits(tmp_path):
     with pytest.raises(UserError, match="does not fit|7 classes"):
         build_online_teacher(by_name, digits(), (0.5,) * 3, (0.5,) * 3, classes=True, features=True)
     export_model(other, tmp_path / "seven.safetensors")
-    by_export = build_online_teacher(TeacherConfig(checkpoint=str(tmp_path / "seven.safetensors")), digits(), (0.5,) * 3, (0.5,) * 3, classes=False, features=True)
+    by_export = build_online_teacher(
+        TeacherConfig(checkpoint=str(tmp_path / "seven.safetensors")), digits(), (0.5,) * 3, (0.5,) * 3, classes=False, features=True
+    )
     assert by_export.feature_shape(8) == (64, 2, 2)
 
 
 def test_feature_only_run_with_a_teacher_of_other_classes_and_errors(tmp_path):
-    export_model(build_model(ModelConfig(name="vitdistill_convnet_tiny"), 7, input_size=8, mean=(0.5,) * 3, std=(0.5,) * 3), tmp_path / "seven.safetensors")
+    export_model(
+        build_model(ModelConfig(name="vitdistill_convnet_tiny"), 7, input_size=8, mean=(0.5,) * 3, std=(0.5,) * 3),
+        tmp_path / "seven.safetensors",
+    )
     teacher = [f"teacher.checkpoint={tmp_path / 'seven.safetensors'}"]
     cfg = load_recipe("fd_pretrain_digits", tiny_run(tmp_path / "fd", *TINY_BEIT, *teacher, "optim.epochs=1"))
     result = train(cfg)
     assert result.final["train_feature"] > 0
-    logits_too = load_recipe("fd_pretrain_digits", tiny_run(tmp_path / "kd", *TINY_BEIT, *teacher, "objective=[{term: feature}, {term: kd_hard}]"))
+    logits_too = load_recipe(
+        "fd_pretrain_digits", tiny_run(tmp_path / "kd", *TINY_BEIT, *teacher, "objective=[{term: feature}, {term: kd_hard}]")
+    )
     with pytest.raises(UserError, match="predicts 7 classes but the data has 10"):
         build_trainer(logits_too, CPU, tmp_path / "kd")
     stored = load_recipe("fd_pretrain_digits", tiny_run(tmp_path / "st", *TINY_BEIT, "teacher={store: /nowhere}"))
     with pytest.raises(UserError, match="teacher.store: .*online teacher"):
         build_trainer(stored, CPU, tmp_path / "st")
-    cnn_student = load_recipe("fd_pretrain_digits", tiny_run(tmp_path / "cnn", *teacher, "model.name=vitdistill_convnet_tiny", "model.img_size=null", "model.patch_size=null", "model.kwargs={}"))
+    cnn_student = load_recipe(
+        "fd_pretrain_digits",
+        tiny_run(
+            tmp_path / "cnn",
+            *teacher,
+            "model.name=vitdistill_convnet_tiny",
+            "model.img_size=null",
+            "model.patch_size=null",
+            "model.kwargs={}",
+        ),
+    )
     with pytest.raises(UserError, match="vision transformer"):
         build_trainer(cnn_student, CPU, tmp_path / "cnn")
 
 
 def test_feature_composes_with_hard_distillation_and_labels_in_one_teacher_pass(tmp_path, tiny_teacher, monkeypatch):
     objective = "objective=[{term: feature, weight: 0.5}, {term: kd_hard, weight: 0.5}, {term: ce, weight: 0.5}]"
-    cfg = load_recipe("fd_pretrain_digits", tiny_run(tmp_path / "all", *TINY_BEIT, f"teacher.checkpoint={tiny_teacher}", objective, "optim.epochs=1"))
+    cfg = load_recipe(
+        "fd_pretrain_digits", tiny_run(tmp_path / "all", *TINY_BEIT, f"teacher.checkpoint={tiny_teacher}", objective, "optim.epochs=1")
+    )
     (tmp_path / "all").mkdir()
     trainer = build_trainer(cfg, CPU, tmp_path / "all")
     calls, seen = {"n": 0}, []
@@ -225,7 +263,9 @@ def test_feature_composes_with_hard_distillation_and_labels_in_one_teacher_pass(
 
     monkeypatch.setattr(trainer.teacher.model, "forward_with_features", counted)
     original = trainer_module.TrainStep.forward
-    monkeypatch.setattr(trainer_module.TrainStep, "forward", lambda self, batch, teacher: seen.append(teacher) or original(self, batch, teacher))
+    monkeypatch.setattr(
+        trainer_module.TrainStep, "forward", lambda self, batch, teacher: seen.append(teacher) or original(self, batch, teacher)
+    )
     history = trainer.fit()
     assert calls["n"] == trainer.steps  # one teacher pass per step gives both
     assert all(p.logits is not None and p.features is not None for p in seen)
@@ -240,7 +280,10 @@ def test_shared_relative_position_bias_is_one_parameter_used_by_every_block():
     with torch.no_grad():
         model.backbone.rel_pos_bias.relative_position_bias_table.normal_()
     given = []
-    handles = [b.register_forward_pre_hook(lambda m, args, kwargs: given.append(kwargs["shared_rel_pos_bias"]), with_kwargs=True) for b in model.backbone.blocks]
+    handles = [
+        b.register_forward_pre_hook(lambda m, args, kwargs: given.append(kwargs["shared_rel_pos_bias"]), with_kwargs=True)
+        for b in model.backbone.blocks
+    ]
     model(torch.randn(2, 3, 8, 8))
     for h in handles:
         h.remove()
@@ -276,7 +319,10 @@ def test_projector_is_saved_restored_on_resume_and_not_exported(tmp_path, tiny_t
 
     a = torch.load(straight.output / "checkpoint.pt", weights_only=False)["objective"]
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["objective"]
-    assert set(a) == {"terms.0.projector.weight", "terms.0.projector.bias"} and a["terms.0.projector.weight"].shape == (32, 32)  # teacher stage 1: 32 channels
+    assert set(a) == {"terms.0.projector.weight", "terms.0.projector.bias"} and a["terms.0.projector.weight"].shape == (
+        32,
+        32,
+    )  # teacher stage 1: 32 channels
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit: restored, then trained the same
     assert not torch.equal(a["terms.0.projector.weight"], after_one["terms.0.projector.weight"])  # and it did train
     for folder in (straight.output, tmp_path / "resumed"):
@@ -289,7 +335,9 @@ def test_projector_is_saved_restored_on_resume_and_not_exported(tmp_path, tiny_t
 def test_two_stage_feature_distillation_on_digits_end_to_end(tmp_path, tiny_teacher):
     pre, fine, base = tmp_path / "pre", tmp_path / "fine", tmp_path / "base"
     student = ["model.img_size=8", "model.patch_size=2", "optim.epochs=4", "data.train_limit=512"]
-    assert main(["train", "fd_pretrain_digits", *tiny_run(pre, *student, f"model.kwargs={SHARED}", f"teacher.checkpoint={tiny_teacher}")]) == 0
+    assert (
+        main(["train", "fd_pretrain_digits", *tiny_run(pre, *student, f"model.kwargs={SHARED}", f"teacher.checkpoint={tiny_teacher}")]) == 0
+    )
     history = json.loads((pre / "summary.json").read_text())
     rows = list(csv.DictReader(open(pre / "metrics.csv")))
     losses = [float(r["train_feature"]) for r in rows]
@@ -303,19 +351,50 @@ def test_two_stage_feature_distillation_on_digits_end_to_end(tmp_path, tiny_teac
     start = trainer.model.backbone.state_dict()
     loaded = [k for k in stage1 if k in start and not k.startswith("head.")]
     assert len(loaded) > 10 and all(torch.equal(start[k], stage1[k]) for k in loaded)  # starts from stage 1
-    assert all(torch.equal(start[f"blocks.{i}.attn.relative_position_bias_table"], stage1["rel_pos_bias.relative_position_bias_table"]) for i in range(2))
-    assert max(g["lr_scale"] for g in trainer.optimizer.param_groups) == 1.0 and min(g["lr_scale"] for g in trainer.optimizer.param_groups) < 0.75**2
+    assert all(
+        torch.equal(start[f"blocks.{i}.attn.relative_position_bias_table"], stage1["rel_pos_bias.relative_position_bias_table"])
+        for i in range(2)
+    )
+    assert (
+        max(g["lr_scale"] for g in trainer.optimizer.param_groups) == 1.0
+        and min(g["lr_scale"] for g in trainer.optimizer.param_groups) < 0.75**2
+    )
     assert trainer.teacher is None
     assert main(["train", "fd_finetune_digits", *finetune]) == 0
-    assert main(["train", "fd_finetune_digits", *tiny_run(base, *student, f"model.kwargs={PER_BLOCK}", "model.init=null", "optim.layer_decay=null")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "fd_finetune_digits",
+                *tiny_run(base, *student, f"model.kwargs={PER_BLOCK}", "model.init=null", "optim.layer_decay=null"),
+            ]
+        )
+        == 0
+    )
     ce = [float(r["train_ce"]) for r in csv.DictReader(open(fine / "metrics.csv"))]
     assert ce[-1] < ce[0] and "eval_top1" in json.loads((fine / "summary.json").read_text())["final"]  # it learns the labels
 
     out = tmp_path / "analysis"
-    args = [str(fine), "--compare", str(base), "--output", str(out), "--images", "32", "--landscape-images", "16", "--landscape-steps", "3", "--landscape-grid", "0"]
+    args = [
+        str(fine),
+        "--compare",
+        str(base),
+        "--output",
+        str(out),
+        "--images",
+        "32",
+        "--landscape-images",
+        "16",
+        "--landscape-steps",
+        "3",
+        "--landscape-grid",
+        "0",
+    ]
     assert main(["analyze", *args]) == 0
     analysis = json.loads((out / "analysis.json").read_text())
     assert [m["model"] for m in analysis["models"]] == ["beit_base_patch16_224"] * 2
     for m in analysis["models"]:
         assert len(m["layers"]["attention_distance"]) == 2 and len(m["layers"]["attention_distance"][0]) == 2  # blocks x heads
-    assert {"attention_distance", "head_similarity", "landscape_1d"} <= set(analysis["figures"]) and (out / "attention_distance.png").is_file()
+    assert {"attention_distance", "head_similarity", "landscape_1d"} <= set(analysis["figures"]) and (
+        out / "attention_distance.png"
+    ).is_file()

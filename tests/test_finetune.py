@@ -28,7 +28,9 @@ def test_tiny_vit_windows_fit_small_inputs():
 def test_finetune_with_layer_decay_and_frozen_batchnorm(tmp_path):
     pretrained = train(load_recipe("demo_student", tiny_run(tmp_path / "pre", *TINY_VIT, "optim.epochs=1")))
     init = pretrained.output / "model.safetensors"
-    cfg = load_recipe("demo_student", tiny_run(tmp_path / "ft", *TINY_VIT, f"model.init={init}", "model.freeze_bn=true", "optim.layer_decay=0.8"))
+    cfg = load_recipe(
+        "demo_student", tiny_run(tmp_path / "ft", *TINY_VIT, f"model.init={init}", "model.freeze_bn=true", "optim.layer_decay=0.8")
+    )
     trainer = build_trainer(cfg, DistEnv(0, 1, torch.device("cpu")), tmp_path / "ft")
     scales = sorted({g["lr_scale"] for g in trainer.optimizer.param_groups})
     assert scales[-1] == 1.0 and abs(scales[-2] - 0.8) < 1e-9 and scales[0] < 0.8**3  # head 1, then 0.8 per layer down to the stem

@@ -63,8 +63,12 @@ def test_crops_cover_the_whole_image_in_its_own_orientation(mixed_sizes, tmp_pat
     assert landscape[:, 2].max() > 80 and landscape[:, 3].max() <= 64  # crops reach the sides of the 85x64 image
     assert portrait[:, 3].max() > 80 and portrait[:, 2].max() <= 64  # and the bottom of the 64x85 one
     batches = [views.train_batch(torch.tensor([0, 1]), epoch=e) for e in range(20)]
-    batch = type(batches[0])(**{f: torch.cat([getattr(b, f) for b in batches]) if torch.is_tensor(getattr(batches[0], f)) else 0
-                                 for f in batches[0].__dataclass_fields__})
+    batch = type(batches[0])(
+        **{
+            f: torch.cat([getattr(b, f) for b in batches]) if torch.is_tensor(getattr(batches[0], f)) else 0
+            for f in batches[0].__dataclass_fields__
+        }
+    )
     for i in range(40):  # each crop shows the colour its box covers, in the image's own orientation
         x1, y1, x2, y2 = batch.boxes[i].tolist()
         centre = ((x1 + x2) / 2, (y1 + y2) / 2)
@@ -156,8 +160,14 @@ def test_repeated_augmentation_views_are_distinct_and_replayable():
     from vitdistill.data.source import ImageSource
 
     source = ImageSource(images=source_images, labels=torch.arange(n) % 2, classes=["a", "b"], name="t", items_hash="x")
-    views = Augmenter(source, AugmentConfig(input_size=8, crop="rrc", repeats=3, mixup_alpha=0.8, cutmix_alpha=1.0), 0, (0.5,) * 3, (0.5,) * 3,
-                      torch.device("cpu"))
+    views = Augmenter(
+        source,
+        AugmentConfig(input_size=8, crop="rrc", repeats=3, mixup_alpha=0.8, cutmix_alpha=1.0),
+        0,
+        (0.5,) * 3,
+        (0.5,) * 3,
+        torch.device("cpu"),
+    )
     batch = views.train_batch(order[:6], 4)
     assert torch.equal(batch.index, order[:6] % n) and torch.equal(batch.view, order[:6])
     assert batch.index[0] == batch.index[1] == batch.index[2] and len({tuple(b) for b in batch.boxes[:3].tolist()}) == 3  # three views
@@ -170,10 +180,19 @@ def test_repeated_augmentation_views_are_distinct_and_replayable():
 def test_a_store_with_repeats_replays_the_online_teacher(tmp_path, tiny_teacher):
     common = [*TINY_DEIT, "augment.repeats=3", "augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0"]
     store = tmp_path / "store"
-    write_store(load_recipe("demo_student_distilled", tiny_run(tmp_path / "u", *common, f"teacher.checkpoint={tiny_teacher}", f"store.path={store}", "store.k=10")))
+    write_store(
+        load_recipe(
+            "demo_student_distilled",
+            tiny_run(tmp_path / "u", *common, f"teacher.checkpoint={tiny_teacher}", f"store.path={store}", "store.k=10"),
+        )
+    )
     assert (store / "epoch_0000.bin").stat().st_size == 3 * 256 * 40  # one record per view key
     online = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "online", *common, f"teacher.checkpoint={tiny_teacher}")))
-    stored = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "stored", *common, f"teacher.checkpoint={tiny_teacher}", f"teacher.store={store}")))
+    stored = train(
+        load_recipe(
+            "demo_student_distilled", tiny_run(tmp_path / "stored", *common, f"teacher.checkpoint={tiny_teacher}", f"teacher.store={store}")
+        )
+    )
     from safetensors.torch import load_file
 
     a, b = load_file(str(online.output / "model.safetensors")), load_file(str(stored.output / "model.safetensors"))
@@ -181,8 +200,18 @@ def test_a_store_with_repeats_replays_the_online_teacher(tmp_path, tiny_teacher)
 
 
 def test_a_run_on_full_images_with_repeats_and_randaugment_trains(mixed_sizes, tmp_path):
-    data = [f"data.root={mixed_sizes}", "data.source=imagefolder", "data.source_size=16", "data.train_limit=null", "data.eval_limit=null",
-            "optim.batch_size=3", "augment.input_size=8", "augment.crop=rrc", "augment.repeats=3", "augment.rand_augment=rand-m9-mstd0.5-inc1"]
+    data = [
+        f"data.root={mixed_sizes}",
+        "data.source=imagefolder",
+        "data.source_size=16",
+        "data.train_limit=null",
+        "data.eval_limit=null",
+        "optim.batch_size=3",
+        "augment.input_size=8",
+        "augment.crop=rrc",
+        "augment.repeats=3",
+        "augment.rand_augment=rand-m9-mstd0.5-inc1",
+    ]
     result = train(load_recipe("demo_student", tiny_run(tmp_path / "run", *data, *TINY_DEIT)))
     assert [row["train_steps"] for row in result.history] == [2, 2] and result.history[-1]["eval_top1"] >= 0
     recipe = (result.output / "config.yaml").read_text()

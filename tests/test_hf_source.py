@@ -27,9 +27,13 @@ def digits_hf(tmp_path_factory):
     for split, count in (("train", 200), ("test", 60)):
         src = open_source(DataConfig(source="digits"), split)
         images = [Image.fromarray(src.images[i].numpy()) for i in range(count)]
-        features = datasets.Features({"picture": datasets.Image(), "digit": datasets.ClassLabel(names=NAMES), "name": datasets.Value("string")})
+        features = datasets.Features(
+            {"picture": datasets.Image(), "digit": datasets.ClassLabel(names=NAMES), "name": datasets.Value("string")}
+        )
         labels = src.labels[:count].tolist()
-        splits[split] = datasets.Dataset.from_dict({"picture": images, "digit": labels, "name": [NAMES[y] for y in labels]}, features=features)
+        splits[split] = datasets.Dataset.from_dict(
+            {"picture": images, "digit": labels, "name": [NAMES[y] for y in labels]}, features=features
+        )
     dd = datasets.DatasetDict(splits)
     dd.save_to_disk(str(root / "disk"))
     for split, ds in dd.items():
@@ -50,7 +54,9 @@ def test_hf_split_decodes_in_dataset_order_with_classlabel_names(digits_hf, layo
     part = open_source(cfg, "train", limit=30)  # class-balanced slice, still in dataset order
     assert len(part) == 30 and torch.bincount(part.labels, minlength=10).min() == 3
     # string labels: their sorted set are the classes
-    named = open_source(DataConfig(source="hf", root=str(digits_hf / layout), image_column="picture", label_column="name", cache_dir=str(tmp_path)), "test")
+    named = open_source(
+        DataConfig(source="hf", root=str(digits_hf / layout), image_column="picture", label_column="name", cache_dir=str(tmp_path)), "test"
+    )
     assert named.classes == sorted(NAMES)
     assert [named.classes[y] for y in named.labels] == [NAMES[y] for y in open_source(cfg, "test").labels]
 

@@ -136,9 +136,10 @@ def test_no_import_circle_between_packages():
         if unit(src) != unit(dst):
             graph.setdefault(unit(src), set()).add(unit(dst))
     found = [
-        "circle " + " <-> ".join(sorted(component)) + ":\n  " + "\n  ".join(
-            where(src, line, dst) for src, line, dst in EDGES if unit(src) != unit(dst) and {unit(src), unit(dst)} <= component
-        )
+        "circle "
+        + " <-> ".join(sorted(component))
+        + ":\n  "
+        + "\n  ".join(where(src, line, dst) for src, line, dst in EDGES if unit(src) != unit(dst) and {unit(src), unit(dst)} <= component)
         for component in cycles(graph)
     ]
     assert not found, "\n".join(found)
@@ -149,9 +150,10 @@ def test_no_import_circle_between_modules():
     for src, _, dst in EDGES:
         graph.setdefault(src, set()).add(dst)
     found = [
-        "circle " + " <-> ".join(sorted(component)) + ":\n  " + "\n  ".join(
-            where(src, line, dst) for src, line, dst in EDGES if src in component and dst in component
-        )
+        "circle "
+        + " <-> ".join(sorted(component))
+        + ":\n  "
+        + "\n  ".join(where(src, line, dst) for src, line, dst in EDGES if src in component and dst in component)
         for component in cycles(graph)
     ]
     assert not found, "\n".join(found)

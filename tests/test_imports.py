@@ -15,7 +15,9 @@ OPTIONAL = {"vitdistill.data.hf": "datasets", "vitdistill.export.onnx": "onnx"} 
 
 
 def modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.walk_packages(vitdistill.__path__, "vitdistill.") if m.name != "vitdistill.__main__")  # runs the CLI
+    return sorted(
+        m.name for m in pkgutil.walk_packages(vitdistill.__path__, "vitdistill.") if m.name != "vitdistill.__main__"
+    )  # runs the CLI
 
 
 @pytest.mark.parametrize("name", modules())
@@ -27,8 +29,21 @@ def test_module_imports(name):
 
 def test_every_command_has_help(capsys):
     parser = build_parser()
-    commands = [["train"], ["eval"], ["demo"], ["cache"], ["labelmaps"], ["verify"], ["analyze"], ["bench", "throughput"], ["bench", "gpu"],
-                ["recipes"], ["config"], ["export"], ["compare"]]
+    commands = [
+        ["train"],
+        ["eval"],
+        ["demo"],
+        ["cache"],
+        ["labelmaps"],
+        ["verify"],
+        ["analyze"],
+        ["bench", "throughput"],
+        ["bench", "gpu"],
+        ["recipes"],
+        ["config"],
+        ["export"],
+        ["compare"],
+    ]
     for command in commands:
         with pytest.raises(SystemExit) as done:
             parser.parse_args([*command, "--help"])

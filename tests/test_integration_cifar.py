@@ -29,14 +29,32 @@ def test_imagefolder_slice_decodes_the_jpegs(cifar_archive):
 
 
 def test_teacher_then_distilled_deit_two_epochs_each(cifar_archive, tmp_path):
-    data = [f"data.root={cifar_archive}", f"data.cache_dir={CACHE}", "data.train_limit=512", "data.eval_limit=200", "optim.epochs=2", "optim.batch_size=64", "engine.device=cpu"]
-    teacher = train(load_recipe("cnn_teacher_cifar10", [*data, f"output={tmp_path / 'teacher'}", "model.name=vitdistill_convnet_tiny", "model.small_input_stem=false"]))
+    data = [
+        f"data.root={cifar_archive}",
+        f"data.cache_dir={CACHE}",
+        "data.train_limit=512",
+        "data.eval_limit=200",
+        "optim.epochs=2",
+        "optim.batch_size=64",
+        "engine.device=cpu",
+    ]
+    teacher = train(
+        load_recipe(
+            "cnn_teacher_cifar10",
+            [*data, f"output={tmp_path / 'teacher'}", "model.name=vitdistill_convnet_tiny", "model.small_input_stem=false"],
+        )
+    )
     first, last = teacher.history
     assert last["train_loss"] < first["train_loss"] and last["eval_top1"] > 12.0  # chance: 10% (18.0 when written)
     student = train(
         load_recipe(
             "deit_tiny_distilled_cifar10",
-            [*data, f"output={tmp_path / 'student'}", f"teacher.checkpoint={teacher.output}", "model.kwargs={embed_dim: 64, depth: 2, num_heads: 2}"],
+            [
+                *data,
+                f"output={tmp_path / 'student'}",
+                f"teacher.checkpoint={teacher.output}",
+                "model.kwargs={embed_dim: 64, depth: 2, num_heads: 2}",
+            ],
         )
     )
     first, last = student.history

@@ -122,7 +122,20 @@ def test_a_build_killed_midway_resumes_with_its_finished_shards(photos, tmp_path
     whole = tmp_path / "whole"
     jpeg.build_jpeg_records(paths, RecordShape(40), whole, "test")
     assert torch.equal(resumed[torch.arange(12)], jpeg.JpegRecords(whole)[torch.arange(12)])
-    assert json.loads((folder / "records.json").read_text())["shards"] == 4 and resumed.index[:, 0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert json.loads((folder / "records.json").read_text())["shards"] == 4 and resumed.index[:, 0].tolist() == [
+        0,
+        0,
+        0,
+        1,
+        1,
+        1,
+        2,
+        2,
+        2,
+        3,
+        3,
+        3,
+    ]
 
 
 def test_corrupt_images_stop_the_build_or_are_left_out(photos, tmp_path):
@@ -170,7 +183,9 @@ def test_the_gpu_decoder_path_lays_out_the_same_records(photos, tmp_path):
 
 def test_disk_check_and_auto_choice(photos, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(records, "free_bytes", lambda folder: 10_000)
-    with pytest.raises(UserError, match=r"raw\) records need about .* which has 0.0 MB free; set data.records=jpeg .*data.source_size.*data.cache_dir"):
+    with pytest.raises(
+        UserError, match=r"raw\) records need about .* which has 0.0 MB free; set data.records=jpeg .*data.source_size.*data.cache_dir"
+    ):
         open_source(cfg(photos, tmp_path, records="raw"), "train")
     with pytest.raises(UserError, match="JPEG records need about .*lower data.jpeg_quality"):
         open_source(cfg(photos, tmp_path, records="jpeg"), "train")
@@ -180,7 +195,9 @@ def test_disk_check_and_auto_choice(photos, tmp_path, monkeypatch, capsys):
     assert isinstance(small.images, torch.Tensor) and "data.records=auto: raw records for 12 images" in capsys.readouterr().out
     monkeypatch.setattr(records, "AUTO_RAW_BYTES", 1000)
     big = open_source(cfg(photos, tmp_path), "test")
-    assert isinstance(big.images, jpeg.JpegRecords) and "data.records=auto: JPEG records (quality 90) for 4 images" in capsys.readouterr().out
+    assert (
+        isinstance(big.images, jpeg.JpegRecords) and "data.records=auto: JPEG records (quality 90) for 4 images" in capsys.readouterr().out
+    )
     again = open_source(cfg(photos, tmp_path), "train")  # auto reads what is cached
     assert isinstance(again.images, torch.Tensor) and capsys.readouterr().out == ""
 
@@ -190,8 +207,18 @@ def test_a_run_trains_and_evaluates_from_jpeg_records(photos, tmp_path):
 
     from vitdistill import load_recipe, train
 
-    data = [f"data.root={photos}", "data.source=imagefolder", "data.source_size=16", "data.records=jpeg", "data.decoder=cpu",
-            "data.train_limit=null", "data.eval_limit=null", f"data.cache_dir={tmp_path / 'cache'}", "optim.batch_size=4", "augment.input_size=8"]
+    data = [
+        f"data.root={photos}",
+        "data.source=imagefolder",
+        "data.source_size=16",
+        "data.records=jpeg",
+        "data.decoder=cpu",
+        "data.train_limit=null",
+        "data.eval_limit=null",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "optim.batch_size=4",
+        "augment.input_size=8",
+    ]
     result = train(load_recipe("demo_student", tiny_run(tmp_path / "run", *data, *TINY_DEIT)))
     assert [row["train_steps"] for row in result.history] == [3, 3] and 0 <= result.history[-1]["eval_top1"] <= 100
     assert list((tmp_path / "cache" / "decoded").glob("*.jpeg90/00000.jpgs")) and not list((tmp_path / "cache" / "decoded").glob("*.npy"))
@@ -208,18 +235,47 @@ def test_a_store_made_with_one_decoder_is_refused_by_a_run_that_decodes_with_ano
         for i, img in enumerate(photo_crops(20, seed=len(split))):  # the digits teacher's ten classes
             (root / split / f"{i % 10}").mkdir(parents=True, exist_ok=True)
             img.save(root / split / f"{i % 10}" / f"{i}.jpg")
-    data = [f"data.root={root}", "data.source=imagefolder", "data.source_size=12", "data.records=jpeg", "data.train_limit=null",
-            "data.eval_limit=null", f"data.cache_dir={tmp_path / 'cache'}", "optim.batch_size=4", "augment.input_size=8", *TINY_DEIT]
+    data = [
+        f"data.root={root}",
+        "data.source=imagefolder",
+        "data.source_size=12",
+        "data.records=jpeg",
+        "data.train_limit=null",
+        "data.eval_limit=null",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "optim.batch_size=4",
+        "augment.input_size=8",
+        *TINY_DEIT,
+    ]
     store = tmp_path / "store"
-    write_store(load_recipe("demo_student_distilled", tiny_run(tmp_path / "u", *data, "data.decoder=cpu", f"teacher.checkpoint={tiny_teacher}",
-                                                               f"store.path={store}", "store.epochs=1")))
+    write_store(
+        load_recipe(
+            "demo_student_distilled",
+            tiny_run(
+                tmp_path / "u", *data, "data.decoder=cpu", f"teacher.checkpoint={tiny_teacher}", f"store.path={store}", "store.epochs=1"
+            ),
+        )
+    )
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["dataset"]["decoder"]["library"] == "pillow"
     with monkeypatch.context() as patch:  # a longer store on a full disk: refused before its first epoch
         patch.setattr(records, "free_bytes", lambda folder: 100)
-        with pytest.raises(UserError, match=r"^store.path: the 2 epochs left of the store need about .* which has 0.0 MB free; lower store.k"):
-            write_store(load_recipe("demo_student_distilled", tiny_run(tmp_path / "u", *data, "data.decoder=cpu", f"teacher.checkpoint={tiny_teacher}",
-                                                                       f"store.path={store}", "store.epochs=3")))
+        with pytest.raises(
+            UserError, match=r"^store.path: the 2 epochs left of the store need about .* which has 0.0 MB free; lower store.k"
+        ):
+            write_store(
+                load_recipe(
+                    "demo_student_distilled",
+                    tiny_run(
+                        tmp_path / "u",
+                        *data,
+                        "data.decoder=cpu",
+                        f"teacher.checkpoint={tiny_teacher}",
+                        f"store.path={store}",
+                        "store.epochs=3",
+                    ),
+                )
+            )
     assert sorted(p.name for p in store.glob("epoch_*")) == ["epoch_0000.bin"]
     replay = [*data, f"teacher.checkpoint={tiny_teacher}", f"teacher.store={store}", "optim.epochs=1"]
     with pytest.raises(UserError, match=r"^teacher.store: .* other data: dataset.decoder.device \('cpu' in the store, 'cuda' now\)$"):

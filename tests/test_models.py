@@ -41,7 +41,14 @@ def test_unknown_model_and_bad_kwargs_are_clear_errors():
 
 
 def test_export_round_trip(tmp_path):
-    model = build_model(ModelConfig(name="resnet18", small_input_stem=True), 10, classes=list("abcdefghij"), input_size=32, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6)).eval()
+    model = build_model(
+        ModelConfig(name="resnet18", small_input_stem=True),
+        10,
+        classes=list("abcdefghij"),
+        input_size=32,
+        mean=(0.1, 0.2, 0.3),
+        std=(0.4, 0.5, 0.6),
+    ).eval()
     export_model(model, tmp_path / "m.safetensors")
     loaded = load_model(tmp_path / "m.safetensors")
     x = torch.randn(2, 3, 32, 32)
@@ -87,16 +94,22 @@ def test_teacher_input_is_renormalised(tmp_path):
     student_view = (pixels - 0.5) / 0.5
     t_mean, t_std = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
     assert torch.allclose(teacher.prepare(student_view), (pixels - t_mean) / t_std, atol=1e-5)
-    same = build_online_teacher(TeacherConfig(checkpoint=str(teacher_export(tmp_path, mean=(0.5,) * 3, std=(0.5,) * 3))), digits(), (0.5,) * 3, (0.5,) * 3)
+    same = build_online_teacher(
+        TeacherConfig(checkpoint=str(teacher_export(tmp_path, mean=(0.5,) * 3, std=(0.5,) * 3))), digits(), (0.5,) * 3, (0.5,) * 3
+    )
     assert same.identity and torch.equal(same.prepare(student_view), student_view)
 
 
 def test_teacher_by_timm_name_and_state_dict(tmp_path):
     model = build_model(ModelConfig(name="vitdistill_convnet_tiny"), 10)
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.backbone.state_dict().items()}}, tmp_path / "w.pth")
-    teacher = build_online_teacher(TeacherConfig(name="vitdistill_convnet_tiny", weights=str(tmp_path / "w.pth")), digits(), (0.5,) * 3, (0.5,) * 3)
+    teacher = build_online_teacher(
+        TeacherConfig(name="vitdistill_convnet_tiny", weights=str(tmp_path / "w.pth")), digits(), (0.5,) * 3, (0.5,) * 3
+    )
     assert isinstance(teacher, OnlineTeacher)
     wrong = build_model(ModelConfig(name="vitdistill_convnet_tiny"), 7)
     torch.save(wrong.backbone.state_dict(), tmp_path / "wrong.pth")
     with pytest.raises(UserError, match="does not fit"):
-        build_online_teacher(TeacherConfig(name="vitdistill_convnet_tiny", weights=str(tmp_path / "wrong.pth")), digits(), (0.5,) * 3, (0.5,) * 3)
+        build_online_teacher(
+            TeacherConfig(name="vitdistill_convnet_tiny", weights=str(tmp_path / "wrong.pth")), digits(), (0.5,) * 3, (0.5,) * 3
+        )

@@ -79,14 +79,18 @@ def test_kd_soft_deit_normalisation_is_classes_times_smaller():
 
 
 def test_kd_soft_is_zero_when_student_equals_teacher():
-    loss, _ = single({"term": "kd_soft", "tau": 4.0, "head": "cls"})(ModelOutput(ZT.clone()), batch_of([0, 1]), TeacherPrediction(logits=ZT))
+    loss, _ = single({"term": "kd_soft", "tau": 4.0, "head": "cls"})(
+        ModelOutput(ZT.clone()), batch_of([0, 1]), TeacherPrediction(logits=ZT)
+    )
     assert abs(loss.item()) < 1e-6
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_kd_hard_uses_teacher_argmax_with_optional_smoothing(eps):
     labels = [2, 0]  # deliberately not the teacher's argmax (1, 2): kd_hard must ignore them
-    loss, _ = single({"term": "kd_hard", "smoothing": eps, "head": "dist"})(ModelOutput(ZS, ZD), batch_of(labels), TeacherPrediction(logits=ZT))
+    loss, _ = single({"term": "kd_hard", "smoothing": eps, "head": "dist"})(
+        ModelOutput(ZS, ZD), batch_of(labels), TeacherPrediction(logits=ZT)
+    )
     expected = 0.0
     for row, yt in zip(ZD.tolist(), [1, 2]):
         p = softmax(row)

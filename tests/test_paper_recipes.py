@@ -25,10 +25,18 @@ from vitdistill.store import write_store
 
 DEIT = ["deit_tiny_imagenet", "deit_small_imagenet", "deit_base_imagenet"]
 DEIT_DISTILLED = ["deit_tiny_distilled_imagenet", "deit_small_distilled_imagenet", "deit_base_distilled_imagenet"]
-TINY_VIT = ["tiny_vit_store_imagenet21k"] + [f"tiny_vit_{m}_{stage}" for m in ("5m", "11m", "21m") for stage in ("pretrain_imagenet21k", "finetune_imagenet")]
+TINY_VIT = ["tiny_vit_store_imagenet21k"] + [
+    f"tiny_vit_{m}_{stage}" for m in ("5m", "11m", "21m") for stage in ("pretrain_imagenet21k", "finetune_imagenet")
+]
 LVVIT = ["nfnet_labelmaps_imagenet", "lvvit_tiny_imagenet", "lvvit_small_imagenet", "lvvit_medium_imagenet"]
-FD_PAIRS = [f"fd_{stage}_{pair}" for pair in ("dino_vit_base", "deit_vit_base", "clip_vit_base", "clip_vit_large") for stage in ("pretrain", "finetune")]
-PAPER_RECIPES = DEIT + DEIT_DISTILLED + TINY_VIT + LVVIT + ["deit_small_diverse_imagenet", "fd_pretrain_imagenet", "fd_finetune_imagenet"] + FD_PAIRS
+FD_PAIRS = [
+    f"fd_{stage}_{pair}"
+    for pair in ("dino_vit_base", "deit_vit_base", "clip_vit_base", "clip_vit_large")
+    for stage in ("pretrain", "finetune")
+]
+PAPER_RECIPES = (
+    DEIT + DEIT_DISTILLED + TINY_VIT + LVVIT + ["deit_small_diverse_imagenet", "fd_pretrain_imagenet", "fd_finetune_imagenet"] + FD_PAIRS
+)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -62,7 +70,12 @@ def test_deit_recipes_are_the_papers_table_9():
         assert (a.rand_augment, a.mixup_alpha, a.cutmix_alpha, a.erase_prob, a.repeats) == ("rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.25, 3), name
         assert (a.crop, a.scale, a.hflip, a.eval_crop_pct) == ("rrc", (0.08, 1.0), 0.5, 0.875), name
         assert cfg.model.drop_path == 0.1, name
-        assert cfg.objective[0] == {"term": "ce", "weight": 0.5 if "distilled" in name else 1.0, "head": "cls" if "distilled" in name else "auto", "smoothing": 0.1}
+        assert cfg.objective[0] == {
+            "term": "ce",
+            "weight": 0.5 if "distilled" in name else 1.0,
+            "head": "cls" if "distilled" in name else "auto",
+            "smoothing": 0.1,
+        }
     for name in DEIT_DISTILLED:
         cfg = load_recipe(name)
         assert cfg.model.name.endswith("_distilled_patch16_224") and cfg.teacher.name == "regnety_160" and cfg.teacher.weights
@@ -83,17 +96,38 @@ def test_tiny_vit_recipes_are_the_official_configs():
         assert o.lr * o.batch_size / o.lr_base_batch == pytest.approx(2e-3)  # 2.5e-4 x 4096/512
         fine = load_recipe(f"tiny_vit_{m}_finetune_imagenet")
         o = fine.optim
-        assert (o.epochs, o.layer_decay, o.weight_decay, o.clip_grad, fine.model.freeze_bn, fine.model.drop_path) == (30, 0.8, 1e-8, 5.0, True, drop_path)
+        assert (o.epochs, o.layer_decay, o.weight_decay, o.clip_grad, fine.model.freeze_bn, fine.model.drop_path) == (
+            30,
+            0.8,
+            1e-8,
+            5.0,
+            True,
+            drop_path,
+        )
         assert o.lr * o.batch_size / o.lr_base_batch == pytest.approx(5e-4)  # 2.5e-4 x 1024/512
         assert fine.model.init == f"runs/tiny_vit_{m}_pretrain_imagenet21k/model.safetensors" and fine.teacher is None
 
 
 def test_lvvit_recipes_are_the_reference_settings():
-    for name, drop_path, crop in (("lvvit_tiny_imagenet", 0.1, 0.9), ("lvvit_small_imagenet", 0.1, 0.9), ("lvvit_medium_imagenet", 0.2, 1.0)):
+    for name, drop_path, crop in (
+        ("lvvit_tiny_imagenet", 0.1, 0.9),
+        ("lvvit_small_imagenet", 0.1, 0.9),
+        ("lvvit_medium_imagenet", 0.2, 1.0),
+    ):
         cfg = load_recipe(name)
         assert cfg.model.eval_head == "lvvit_aux" and cfg.model.drop_path == drop_path and cfg.augment.eval_crop_pct == crop
         assert cfg.objective == [
-            {"term": "token_label", "weight": 1.0, "head": "auto", "beta": 1.0, "cls_target": "teacher", "cls_mix": 0.5, "smoothing": 0.0, "mixtoken": True, "mixtoken_box": "batch"}
+            {
+                "term": "token_label",
+                "weight": 1.0,
+                "head": "auto",
+                "beta": 1.0,
+                "cls_target": "teacher",
+                "cls_mix": 0.5,
+                "smoothing": 0.0,
+                "mixtoken": True,
+                "mixtoken_box": "batch",
+            }
         ]
         assert cfg.teacher.label_map_mode == "zero_filled" and cfg.teacher.label_maps == "runs/labelmaps/nfnet_f6_imagenet_k5"
         assert cfg.augment.rand_augment == "rand-m9-mstd0.5-inc1" and cfg.augment.mixup_alpha == 0.0 and cfg.augment.cutmix_alpha == 0.0
@@ -134,26 +168,71 @@ def test_fd_recipes_are_the_official_configs(pair):
     assert (t.name, t.feature_layer, t.feature_norm) == (teacher_name, -1, True)  # PRED_FEAT_AFTERNORM: True
     assert t.weights == f"weights/{teacher_name}.safetensors"
     assert (m.name, m.img_size, m.patch_size, m.drop_path, m.init_truncation) == (student, 224, patch, drop_path, 1.0)
-    assert {k: m.kwargs[k] for k in ("embed_dim", "depth", "num_heads", "init_values")} == {"embed_dim": width, "depth": depth, "num_heads": heads, "init_values": 0.1}
+    assert {k: m.kwargs[k] for k in ("embed_dim", "depth", "num_heads", "init_values")} == {
+        "embed_dim": width,
+        "depth": depth,
+        "num_heads": heads,
+        "init_values": 0.1,
+    }
     assert (m.kwargs["use_abs_pos_emb"], m.kwargs["use_rel_pos_bias"], m.kwargs["use_shared_rel_pos_bias"]) == (False, False, True)
-    assert pre.objective == [{"term": "feature", "weight": 1.0, "head": "auto", "beta": 2.0, "grid": "interpolate", "class_token": True, "eps": 1e-5}]
-    assert (o.epochs, o.batch_size, o.opt, o.weight_decay, o.warmup_epochs, o.clip_grad, o.layer_decay) == (300, 2048, "adamw", 0.05, 10, 3.0, None)
+    assert pre.objective == [
+        {"term": "feature", "weight": 1.0, "head": "auto", "beta": 2.0, "grid": "interpolate", "class_token": True, "eps": 1e-5}
+    ]
+    assert (o.epochs, o.batch_size, o.opt, o.weight_decay, o.warmup_epochs, o.clip_grad, o.layer_decay) == (
+        300,
+        2048,
+        "adamw",
+        0.05,
+        10,
+        3.0,
+        None,
+    )
     assert o.lr * o.batch_size / o.lr_base_batch == pytest.approx(3e-4 * scale)
     assert (o.warmup_lr, o.min_lr) == (pytest.approx(5e-7 * scale), pytest.approx(5e-6 * scale)) and o.decay_rel_pos_bias
     a = pre.augment
-    assert (a.crop, tuple(a.scale), a.hflip, a.mixup_alpha, a.cutmix_alpha, a.rand_augment, a.color_jitter, a.erase_prob) == ("rrc", (0.08, 1.0), 0.5, 0.0, 0.0, None, None, 0.0)
+    assert (a.crop, tuple(a.scale), a.hflip, a.mixup_alpha, a.cutmix_alpha, a.rand_augment, a.color_jitter, a.erase_prob) == (
+        "rrc",
+        (0.08, 1.0),
+        0.5,
+        0.0,
+        0.0,
+        None,
+        None,
+        0.0,
+    )
 
     drop_path, lr, layer_decay, epochs, warmup, floor = FD_FINETUNE[pair]
     fine = load_recipe(f"fd_finetune_{pair}")
     o, m, a = fine.optim, fine.model, fine.augment
     assert fine.teacher is None and fine.objective == [{"term": "ce", "weight": 1.0, "head": "auto", "smoothing": 0.1}]
-    assert (m.name, m.patch_size, m.drop_path, m.init_truncation, m.init) == (student, patch, drop_path, None, f"runs/fd_pretrain_{pair}/model.safetensors")
+    assert (m.name, m.patch_size, m.drop_path, m.init_truncation, m.init) == (
+        student,
+        patch,
+        drop_path,
+        None,
+        f"runs/fd_pretrain_{pair}/model.safetensors",
+    )
     assert (m.kwargs["embed_dim"], m.kwargs["use_rel_pos_bias"], m.kwargs["use_shared_rel_pos_bias"]) == (width, True, False)
-    assert (o.epochs, o.batch_size, o.weight_decay, o.warmup_epochs, o.clip_grad, o.layer_decay) == (epochs, 2048, 0.05, warmup, 5.0, layer_decay)
+    assert (o.epochs, o.batch_size, o.weight_decay, o.warmup_epochs, o.clip_grad, o.layer_decay) == (
+        epochs,
+        2048,
+        0.05,
+        warmup,
+        5.0,
+        layer_decay,
+    )
     assert o.lr * o.batch_size / o.lr_base_batch == pytest.approx(lr * scale)
     assert (o.warmup_lr, o.min_lr) == (pytest.approx(floor * scale), pytest.approx(floor * scale))
     assert not o.layer_decay_scales_floor and o.decay_rel_pos_bias  # timm 0.4.12's scheduler; tables decayed
-    assert (a.rand_augment, a.erase_prob, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.switch_prob, a.eval_crop_pct) == ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 1.0, 0.5, 0.875)
+    assert (a.rand_augment, a.erase_prob, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.switch_prob, a.eval_crop_pct) == (
+        "rand-m9-mstd0.5-inc1",
+        0.25,
+        0.8,
+        1.0,
+        1.0,
+        0.5,
+        0.875,
+    )
 
 
 # ---------------------------------------------------------------------------- two steps each
@@ -190,8 +269,17 @@ def tiny_teacher_weights(tmp_path_factory) -> Path:
 
 
 def small_run(root: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    return [f"data.root={root}", f"data.cache_dir={cache}", f"output={out}", "optim.epochs=1", "optim.batch_size=6",
-            "engine.device=cpu", "engine.eval_batch_size=4", "engine.tensorboard=false", *extra]
+    return [
+        f"data.root={root}",
+        f"data.cache_dir={cache}",
+        f"output={out}",
+        "optim.epochs=1",
+        "optim.batch_size=6",
+        "engine.device=cpu",
+        "engine.eval_batch_size=4",
+        "engine.tensorboard=false",
+        *extra,
+    ]
 
 
 def teacher(weights: Path) -> list[str]:
@@ -217,7 +305,9 @@ def test_deit_trains_two_steps_at_224(name, imagenet_folder, tmp_path):
 
 def test_deit_distilled_trains_two_steps_at_224(imagenet_folder, tiny_teacher_weights, tmp_path):
     out = tmp_path / "run"
-    cfg = load_recipe("deit_small_distilled_imagenet", small_run(imagenet_folder, out, tmp_path / "cache", *TINY_DEIT_224, *teacher(tiny_teacher_weights)))
+    cfg = load_recipe(
+        "deit_small_distilled_imagenet", small_run(imagenet_folder, out, tmp_path / "cache", *TINY_DEIT_224, *teacher(tiny_teacher_weights))
+    )
     result = train(cfg)
     check_trained(result, out)
     assert {"eval_top1_cls", "eval_top1_dist"} <= set(result.final)  # two heads, evaluated by their mean
@@ -235,14 +325,24 @@ TINY_TINY_VIT = ["model.kwargs={embed_dims: [16, 16, 16, 16], depths: [1, 1, 1, 
 
 def test_tiny_vit_store_pretrain_and_finetune_at_224(imagenet_folder, tiny_teacher_weights, tmp_path):
     cache, store = tmp_path / "cache", tmp_path / "store"
-    common = [*teacher(tiny_teacher_weights), f"store.path={store}", "store.k=2", "store.batch_size=4", *TINY_TINY_VIT]  # k: the 2 classes here
+    common = [
+        *teacher(tiny_teacher_weights),
+        f"store.path={store}",
+        "store.k=2",
+        "store.batch_size=4",
+        *TINY_TINY_VIT,
+    ]  # k: the 2 classes here
     write_store(load_recipe("tiny_vit_store_imagenet21k", small_run(imagenet_folder, tmp_path / "cache_run", cache, *common)))
     assert (store / "manifest.json").is_file()
     pre = tmp_path / "pretrain"
-    result = train(load_recipe("tiny_vit_5m_pretrain_imagenet21k", small_run(imagenet_folder, pre, cache, *common, f"teacher.store={store}")))
+    result = train(
+        load_recipe("tiny_vit_5m_pretrain_imagenet21k", small_run(imagenet_folder, pre, cache, *common, f"teacher.store={store}"))
+    )
     check_trained(result, pre)
     fine = tmp_path / "finetune"
-    result = train(load_recipe("tiny_vit_5m_finetune_imagenet", small_run(imagenet_folder, fine, cache, *TINY_TINY_VIT, f"model.init={pre}")))
+    result = train(
+        load_recipe("tiny_vit_5m_finetune_imagenet", small_run(imagenet_folder, fine, cache, *TINY_TINY_VIT, f"model.init={pre}"))
+    )
     check_trained(result, fine)
 
 
@@ -252,10 +352,17 @@ TINY_LVVIT = ["model.kwargs={embed_dim: 32, depth: 1, num_heads: 2, stem_width: 
 def lvvit_run(imagenet_folder: Path, weights: Path, tmp_path: Path, *extra: str):
     cache, maps = tmp_path / "cache", tmp_path / "maps"
     common = [*teacher(weights), *TINY_LVVIT]
-    write_label_maps(load_recipe("nfnet_labelmaps_imagenet", small_run(imagenet_folder, tmp_path / "maps_run", cache, *common, f"labelmaps.path={maps}", "labelmaps.batch_size=4")))
+    write_label_maps(
+        load_recipe(
+            "nfnet_labelmaps_imagenet",
+            small_run(imagenet_folder, tmp_path / "maps_run", cache, *common, f"labelmaps.path={maps}", "labelmaps.batch_size=4"),
+        )
+    )
     assert (maps / "manifest.json").is_file()
     out = tmp_path / "run"
-    result = train(load_recipe("lvvit_small_imagenet", small_run(imagenet_folder, out, cache, *common, f"teacher.label_maps={maps}", *extra)))
+    result = train(
+        load_recipe("lvvit_small_imagenet", small_run(imagenet_folder, out, cache, *common, f"teacher.label_maps={maps}", *extra))
+    )
     check_trained(result, out)
     assert {"eval_top1", "eval_top1_cls"} <= set(result.final)  # LV-ViT's rule, and the class head alone
 
@@ -269,7 +376,9 @@ TINY_BEIT_224 = ["model.kwargs.embed_dim=32", "model.kwargs.depth=2", "model.kwa
 
 def test_feature_distillation_pair_at_224(imagenet_folder, tiny_teacher_weights, tmp_path):
     cache, pre, fine = tmp_path / "cache", tmp_path / "pretrain", tmp_path / "finetune"
-    result = train(load_recipe("fd_pretrain_imagenet", small_run(imagenet_folder, pre, cache, *TINY_BEIT_224, *teacher(tiny_teacher_weights))))
+    result = train(
+        load_recipe("fd_pretrain_imagenet", small_run(imagenet_folder, pre, cache, *TINY_BEIT_224, *teacher(tiny_teacher_weights)))
+    )
     check_trained(result, pre)
     result = train(load_recipe("fd_finetune_imagenet", small_run(imagenet_folder, fine, cache, *TINY_BEIT_224, f"model.init={pre}")))
     check_trained(result, fine)

@@ -103,7 +103,9 @@ def test_patch_contrast_paper_form_detaches_the_first_block():
     torch.manual_seed(3)
     first = torch.randn(2, 6, 8, requires_grad=True)
     last = torch.randn(2, 6, 8, requires_grad=True)
-    loss, _ = Objective([{"term": "patch_contrast", "form": "paper"}], C, has_dist_head=False)(vit_output(last, first), batch_of([0, 1]), None)
+    loss, _ = Objective([{"term": "patch_contrast", "form": "paper"}], C, has_dist_head=False)(
+        vit_output(last, first), batch_of([0, 1]), None
+    )
     loss.backward()
     assert first.grad is None and last.grad.abs().sum() > 0
 
@@ -149,7 +151,11 @@ def test_inference_adds_half_the_token_maximum_with_lvvit_aux():
     "recipe, override, words",
     [
         ("deit_tiny_cifar10", "model.eval_head=max", "model.eval_head: expected one of 'cls', 'lvvit_aux'"),
-        ("deit_tiny_cifar10", "model.eval_head=lvvit_aux", "model.eval_head: lvvit_aux adds the per-token head's logits, but deit_tiny_patch16_224 has none"),
+        (
+            "deit_tiny_cifar10",
+            "model.eval_head=lvvit_aux",
+            "model.eval_head: lvvit_aux adds the per-token head's logits, but deit_tiny_patch16_224 has none",
+        ),
     ],
 )
 def test_eval_head_is_validated_at_config_time(recipe, override, words, capsys):
@@ -294,7 +300,12 @@ def test_token_label_term_passes_the_box_mode_to_the_model():
     from vitdistill.config import ModelConfig
     from vitdistill.models import build_model
 
-    model = build_model(ModelConfig(name="deit_tiny_patch16_224", img_size=8, patch_size=2, kwargs={"embed_dim": 16, "depth": 1, "num_heads": 2}, token_head=True), C)
+    model = build_model(
+        ModelConfig(
+            name="deit_tiny_patch16_224", img_size=8, patch_size=2, kwargs={"embed_dim": 16, "depth": 1, "num_heads": 2}, token_head=True
+        ),
+        C,
+    )
     for box, shared in (("batch", True), ("sample", False)):
         objective = Objective([{"term": "token_label", "mixtoken": True, "mixtoken_box": box}], C, has_dist_head=False)
         objective.setup(model, seed=0)
@@ -316,7 +327,9 @@ def test_switches_from_the_cli_reach_the_run(tmp_path):
     from conftest import TINY_DEIT
 
     out = tmp_path / "run"
-    objective = "objective=[{term: ce}, {term: patch_cosine, weight: 0.1, absolute: false}, {term: patch_contrast, weight: 0.1, form: paper}]"
+    objective = (
+        "objective=[{term: ce}, {term: patch_cosine, weight: 0.1, absolute: false}, {term: patch_contrast, weight: 0.1, form: paper}]"
+    )
     assert main(["train", "demo_student", *tiny_run(out, *TINY_DEIT, objective, "optim.epochs=1")]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())["objective"]
     assert saved[1]["absolute"] is False and saved[2]["form"] == "paper"

@@ -33,8 +33,13 @@ CROP = 0.75  # evaluation centre crop < 1: a view that ignored it shows
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("predict") / "run"
-    overrides = [*TINY_DEIT, f"data.mean=[{','.join(map(str, MEAN))}]", f"data.std=[{','.join(map(str, STD))}]",
-                 f"augment.eval_crop_pct={CROP}", "optim.epochs=1"]
+    overrides = [
+        *TINY_DEIT,
+        f"data.mean=[{','.join(map(str, MEAN))}]",
+        f"data.std=[{','.join(map(str, STD))}]",
+        f"augment.eval_crop_pct={CROP}",
+        "optim.epochs=1",
+    ]
     train(load_recipe("demo_student", tiny_run(out, *overrides)))
     export_run(out, "timm")
     export_run(out, "onnx")
@@ -70,7 +75,17 @@ def test_run_timm_and_onnx_exports_agree(run, images):
         results[name] = by_path(rows)
         assert open_predictor(model).kind == {"run": "run", "timm": "timm export", "onnx": "onnx export"}[name]
     names = set(results["run"])
-    assert names == {"digit0.png", "digit1.png", "digit2.png", "digit3.png", "digit4.png", "portrait.png", "wide.png", "grey.png", "broken.png"}
+    assert names == {
+        "digit0.png",
+        "digit1.png",
+        "digit2.png",
+        "digit3.png",
+        "digit4.png",
+        "portrait.png",
+        "wide.png",
+        "grey.png",
+        "broken.png",
+    }
     assert results["run"]["broken.png"].error and not results["run"]["broken.png"].labels
     for name in names - {"broken.png"}:
         ref = results["run"][name]
@@ -138,7 +153,10 @@ def test_eval_reads_an_onnx_export(run, capsys):
     onnx_out = capsys.readouterr().out
     assert main(["eval", str(run), "--data", "digits", "data.eval_limit=64", "--device", "cpu"]) == 0
     run_out = capsys.readouterr().out
-    top1 = lambda text: next(line for line in text.splitlines() if line.strip().startswith("top1"))
+
+    def top1(text):
+        return next(line for line in text.splitlines() if line.strip().startswith("top1"))
+
     assert top1(onnx_out) == top1(run_out)
 
 

@@ -198,7 +198,7 @@ def test_a_sample_is_augmented_the_same_in_any_batch(spec):
     assert 0 <= full.min() and full.max() <= 1
     assert (full != images).flatten(1).any(1).float().mean() > 0.5  # it does augment
     for i in range(len(index)):
-        alone = ra.rand_augment(images[i:i + 1], rng, epoch, index[i:i + 1], spec, MEAN)
+        alone = ra.rand_augment(images[i : i + 1], rng, epoch, index[i : i + 1], spec, MEAN)
         assert torch.equal(alone[0], full[i])
     perm = torch.tensor([5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6])
     shuffled = ra.rand_augment(images[perm], rng, epoch, index[perm], spec, MEAN)
@@ -263,8 +263,23 @@ def test_parse_matches_timm():
         assert spec.magnitude_max == (op.magnitude_max or 10)
 
 
-@pytest.mark.parametrize("text", ["", "rnd-m9", "m9-rand", "rand-x9", "rand-m", "rand-m9.5", "rand-mfoo", "rand-p1.5", "rand-inc2",
-                                  "rand-tweights", "rand-m9--n2", "rand-mstdx"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "rnd-m9",
+        "m9-rand",
+        "rand-x9",
+        "rand-m",
+        "rand-m9.5",
+        "rand-mfoo",
+        "rand-p1.5",
+        "rand-inc2",
+        "rand-tweights",
+        "rand-m9--n2",
+        "rand-mstdx",
+    ],
+)
 def test_parse_rejects_bad_strings(text):
     with pytest.raises(UserError) as err:
         ra.parse_rand_augment(text)

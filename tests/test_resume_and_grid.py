@@ -12,23 +12,39 @@ from vitdistill.errors import ConfigError
 from vitdistill.validate import load_recipe
 
 
-@pytest.mark.parametrize("overrides, key, words", [
-    (["augment.input_size=30", "model.img_size=30", "model.patch_size=4"], "augment.input_size", "last 2 rows and columns"),
-    (["augment.input_size=9", "model.img_size=9", "model.patch_size=2"], "augment.input_size", "use 8 or 10"),
-    (["model.name=deit_tiny_patch16_224", "model.patch_size=null", "augment.input_size=40", "model.img_size=40"], "augment.input_size", "patch size 16"),
-    (["augment.input_size=32", "model.img_size=30", "model.patch_size=4"], "model.img_size", "last 2 rows"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["augment.input_size=30", "model.img_size=30", "model.patch_size=4"], "augment.input_size", "last 2 rows and columns"),
+        (["augment.input_size=9", "model.img_size=9", "model.patch_size=2"], "augment.input_size", "use 8 or 10"),
+        (
+            ["model.name=deit_tiny_patch16_224", "model.patch_size=null", "augment.input_size=40", "model.img_size=40"],
+            "augment.input_size",
+            "patch size 16",
+        ),
+        (["augment.input_size=32", "model.img_size=30", "model.patch_size=4"], "model.img_size", "last 2 rows"),
+    ],
+)
 def test_input_size_must_tile_into_patches(overrides, key, words):
     with pytest.raises(ConfigError, match=words) as err:
         load_recipe("demo_student", overrides)
     assert str(err.value).startswith(key)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["augment.input_size=32", "model.img_size=32", "model.patch_size=4"],  # N: exactly tiles
-    ["augment.input_size=8", "model.img_size=8", "model.patch_size=2"],
-    ["model.name=vitdistill_convnet_tiny", "model.patch_size=null", "model.img_size=null", "model.kwargs={}", "augment.input_size=9"],  # no patches: any size
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["augment.input_size=32", "model.img_size=32", "model.patch_size=4"],  # N: exactly tiles
+        ["augment.input_size=8", "model.img_size=8", "model.patch_size=2"],
+        [
+            "model.name=vitdistill_convnet_tiny",
+            "model.patch_size=null",
+            "model.img_size=null",
+            "model.kwargs={}",
+            "augment.input_size=9",
+        ],  # no patches: any size
+    ],
+)
 def test_sizes_that_tile_are_accepted(overrides):
     load_recipe("demo_student", overrides)
 
@@ -58,7 +74,9 @@ def test_a_schedule_ending_mid_epoch_trains_exactly_its_steps(tmp_path):
     from vitdistill.device import setup_distributed
     from vitdistill.runner import build_trainer
 
-    cfg = load_recipe("demo_student", tiny_run(tmp_path / "run", *TINY_DEIT, "optim.epochs=3", "data.train_limit=128", "data.eval_limit=32"))
+    cfg = load_recipe(
+        "demo_student", tiny_run(tmp_path / "run", *TINY_DEIT, "optim.epochs=3", "data.train_limit=128", "data.eval_limit=32")
+    )
     (tmp_path / "run").mkdir()
     trainer = build_trainer(cfg, setup_distributed("cpu"), tmp_path / "run")
     assert trainer.steps == 4  # 128 images, batches of 32

@@ -18,8 +18,19 @@ from vitdistill.engine.optim import build_scheduler
 from vitdistill.engine.trainer import epoch_line
 from vitdistill.errors import RecipeWarning
 
-ROW = {"epoch": 1, "train_loss": 2.5, "train_ce": 2.0, "train_steps": 40, "train_skipped_steps": 0, "train_time_s": 3.0,
-       "train_img_per_s": 900.0, "lr": 1e-3, "eval_top1": 61.25, "eval_loss": 1.7, "ema_top1": 55.5}
+ROW = {
+    "epoch": 1,
+    "train_loss": 2.5,
+    "train_ce": 2.0,
+    "train_steps": 40,
+    "train_skipped_steps": 0,
+    "train_time_s": 3.0,
+    "train_img_per_s": 900.0,
+    "lr": 1e-3,
+    "eval_top1": 61.25,
+    "eval_loss": 1.7,
+    "ema_top1": 55.5,
+}
 
 
 def test_loss_panel_holds_losses_only():
@@ -28,8 +39,18 @@ def test_loss_panel_holds_losses_only():
 
 
 def test_compare_names_runs_of_one_recipe_by_folder():
-    base = {"name": "deit", "model": "deit_tiny", "parameters": 5e6, "epochs": 3, "final_top1": 50.0, "best_top1": 51.0, "best_epoch": 2,
-            "final_ema_top1": None, "wall_time_s": 10.0, "train_img_per_s": 100.0}
+    base = {
+        "name": "deit",
+        "model": "deit_tiny",
+        "parameters": 5e6,
+        "epochs": 3,
+        "final_top1": 50.0,
+        "best_top1": 51.0,
+        "best_epoch": 2,
+        "final_ema_top1": None,
+        "wall_time_s": 10.0,
+        "train_img_per_s": 100.0,
+    }
     table = format_comparison([{**base, "run": "runs/a"}, {**base, "run": "runs/b"}, {**base, "name": "other", "run": "runs/c"}])
     assert "deit (runs/a)" in table and "deit (runs/b)" in table and "other (runs/c)" not in table and "other" in table
 
@@ -81,7 +102,7 @@ def test_a_recipe_can_replace_an_inherited_mapping(tmp_path):
     )
     raw = read_recipe(str(tmp_path / "tiny_vit.yaml"))
     assert raw["model"]["kwargs"] == {"embed_dims": [16, 32, 48, 64]}  # not the DeiT base's embed_dim/depth/heads
-    merged = (tmp_path / "merged.yaml")
+    merged = tmp_path / "merged.yaml"
     merged.write_text("base: demo_student\nmodel:\n  kwargs: {depth: 2}\n")
     assert read_recipe(str(merged))["model"]["kwargs"] == {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0}  # default: merged
     assert load_recipe(str(tmp_path / "tiny_vit.yaml")).model.kwargs == {"embed_dims": [16, 32, 48, 64]}

@@ -28,7 +28,15 @@ VIEWS = ["augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", "augment.rand_au
 def cache_cfg(tmp_path, teacher, *extra):
     return load_recipe(
         "demo_student_distilled",
-        tiny_run(tmp_path / "unused", *VIEWS, f"teacher.checkpoint={teacher}", f"store.path={tmp_path / 'store'}", "store.k=3", "store.epochs=2", *extra),
+        tiny_run(
+            tmp_path / "unused",
+            *VIEWS,
+            f"teacher.checkpoint={teacher}",
+            f"store.path={tmp_path / 'store'}",
+            "store.k=3",
+            "store.epochs=2",
+            *extra,
+        ),
     )
 
 
@@ -68,7 +76,12 @@ def test_stored_targets_replay_the_online_teacher_on_any_batch(store, tiny_teach
     source = open_source(cfg.data, "train", cfg.data.train_limit)
     views = Augmenter(source, cfg.augment, cfg.seed, cfg.data.mean, cfg.data.std, torch.device("cpu"))
     teacher = build_online_teacher(cfg.teacher, source, cfg.data.mean, cfg.data.std)
-    targets = StoreTargets(folder, load_recipe("demo_student_distilled", tiny_run(folder / "x", *VIEWS, f"teacher.store={folder}", "teacher.checkpoint=null")), source, torch.device("cpu"))
+    targets = StoreTargets(
+        folder,
+        load_recipe("demo_student_distilled", tiny_run(folder / "x", *VIEWS, f"teacher.store={folder}", "teacher.checkpoint=null")),
+        source,
+        torch.device("cpu"),
+    )
     for epoch, index in ((0, torch.tensor([5, 200, 17, 3])), (1, torch.arange(100, 140))):
         batch = views.train_batch(index, epoch)  # another batch composition than when caching
         online = torch.softmax(teacher(batch).logits, dim=1)
@@ -110,12 +123,19 @@ def test_damaged_files_are_detected(store, tmp_path):
     (folder / "epoch_0001.bin").write_bytes(bytes(data))
     report = verify_store(folder, samples=16)
     assert not report["ok"] and report["checksum_failures"] == ["epoch_0001.bin"] and report["epochs_checked"] == [0]
-    cfg = load_recipe("demo_student_distilled", tiny_run(tmp_path / "x", *VIEWS, f"teacher.store={folder}", "teacher.checkpoint=null", "optim.epochs=2"))
+    cfg = load_recipe(
+        "demo_student_distilled", tiny_run(tmp_path / "x", *VIEWS, f"teacher.store={folder}", "teacher.checkpoint=null", "optim.epochs=2")
+    )
     with pytest.raises(UserError, match="checksum"):
         train(cfg)
     (folder / "epoch_0000.bin").write_bytes(b"short")
     with pytest.raises(UserError, match="wrong size"):
-        train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "y", *VIEWS, f"teacher.store={folder}", "teacher.checkpoint=null", "optim.epochs=1")))
+        train(
+            load_recipe(
+                "demo_student_distilled",
+                tiny_run(tmp_path / "y", *VIEWS, f"teacher.store={folder}", "teacher.checkpoint=null", "optim.epochs=1"),
+            )
+        )
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="corrupt"):
         Manifest.read(folder)
@@ -165,7 +185,12 @@ def test_interrupted_cache_resumes_to_the_same_store(store, tiny_teacher, tmp_pa
 def test_hard_distillation_from_the_store_equals_the_online_teacher(store, tiny_teacher, tmp_path):
     common = [*TINY_DEIT, *VIEWS]
     online = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "online", *common, f"teacher.checkpoint={tiny_teacher}")))
-    stored = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "stored", *common, f"teacher.store={store[0]}", f"teacher.checkpoint={tiny_teacher}")))
+    stored = train(
+        load_recipe(
+            "demo_student_distilled",
+            tiny_run(tmp_path / "stored", *common, f"teacher.store={store[0]}", f"teacher.checkpoint={tiny_teacher}"),
+        )
+    )
     a, b = load_file(str(online.output / "model.safetensors")), load_file(str(stored.output / "model.safetensors"))
     for key in a:  # argmax of the stored top-k == argmax of the online logits: the same run
         assert torch.equal(a[key], b[key]), key
@@ -175,8 +200,16 @@ def test_label_free_training_from_the_store_with_a_tiny_vit(store, tmp_path):
     result = train(
         load_recipe(
             "demo_student",
-            tiny_run(tmp_path / "run", *VIEWS, f"teacher.store={store[0]}", "model.name=tiny_vit_5m_224", "model.img_size=8", "model.patch_size=null", "model.kwargs={}",
-                     "objective=[{term: kd_soft, tau: 1.0}]"),
+            tiny_run(
+                tmp_path / "run",
+                *VIEWS,
+                f"teacher.store={store[0]}",
+                "model.name=tiny_vit_5m_224",
+                "model.img_size=8",
+                "model.patch_size=null",
+                "model.kwargs={}",
+                "objective=[{term: kd_soft, tau: 1.0}]",
+            ),
         )
     )
     first, last = result.history
@@ -187,7 +220,9 @@ def test_label_free_training_from_the_store_with_a_tiny_vit(store, tmp_path):
 
 
 def test_cache_and_verify_from_the_command_line(tmp_path, tiny_teacher, capsys):
-    args = tiny_run(tmp_path / "unused", f"teacher.checkpoint={tiny_teacher}", f"store.path={tmp_path / 's'}", "store.epochs=1", "store.k=0")
+    args = tiny_run(
+        tmp_path / "unused", f"teacher.checkpoint={tiny_teacher}", f"store.path={tmp_path / 's'}", "store.epochs=1", "store.k=0"
+    )
     assert main(["cache", "demo_student_distilled", *args]) == 0
     out = capsys.readouterr().out
     assert "40 bytes per sample per epoch" in out  # k=0: all 10 classes, int16 + fp16

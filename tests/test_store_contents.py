@@ -36,11 +36,23 @@ def digits_folder(root: Path, per_class: int = 4) -> Path:
 
 
 def folder_cfg(tmp_path, teacher, root):
-    return load_recipe("demo_student_distilled", tiny_run(
-        tmp_path / "run", f"teacher.checkpoint={teacher}", f"store.path={tmp_path / 'store'}", "store.k=3", "store.epochs=2",
-        "data.source=imagefolder", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.train_limit=null",
-        "data.eval_limit=null", "optim.batch_size=8", "optim.epochs=2",
-    ))
+    return load_recipe(
+        "demo_student_distilled",
+        tiny_run(
+            tmp_path / "run",
+            f"teacher.checkpoint={teacher}",
+            f"store.path={tmp_path / 'store'}",
+            "store.k=3",
+            "store.epochs=2",
+            "data.source=imagefolder",
+            f"data.root={root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.train_limit=null",
+            "data.eval_limit=null",
+            "optim.batch_size=8",
+            "optim.epochs=2",
+        ),
+    )
 
 
 def replace_keeping_size_and_time(target: Path, donor: Path) -> None:
@@ -104,15 +116,27 @@ def test_verify_names_the_samples_whose_stored_top1_disagrees(tmp_path, tiny_tea
 
 @pytest.mark.parametrize("damage", ['{"format": "vitdistill-teacher-st', "[1, 2]", '{"format": "vitdistill-teacher-store/1"}'])
 def test_a_corrupt_manifest_names_the_file_and_the_repair_and_cache_rewrites_it(tmp_path, tiny_teacher, capsys, damage):
-    cfg = load_recipe("demo_student_distilled", tiny_run(
-        tmp_path / "run", f"teacher.checkpoint={tiny_teacher}", f"store.path={tmp_path / 'store'}", "store.k=3", "store.epochs=1", "optim.epochs=1",
-    ))
+    cfg = load_recipe(
+        "demo_student_distilled",
+        tiny_run(
+            tmp_path / "run",
+            f"teacher.checkpoint={tiny_teacher}",
+            f"store.path={tmp_path / 'store'}",
+            "store.k=3",
+            "store.epochs=1",
+            "optim.epochs=1",
+        ),
+    )
     folder = write_store(cfg)
     good = (folder / "epoch_0000.bin").read_bytes()
     (folder / "manifest.json").write_text(damage)
-    student = load_recipe("demo_student_distilled", tiny_run(tmp_path / "run", f"teacher.store={folder}", "teacher.checkpoint=null", "optim.epochs=1"))
+    student = load_recipe(
+        "demo_student_distilled", tiny_run(tmp_path / "run", f"teacher.store={folder}", "teacher.checkpoint=null", "optim.epochs=1")
+    )
     source = open_source(student.data, "train", student.data.train_limit)
-    with pytest.raises(UserError, match=r"manifest.json is corrupt \(.*\); rerun `vitdistill cache` with its recipe to write it again \(or delete"):
+    with pytest.raises(
+        UserError, match=r"manifest.json is corrupt \(.*\); rerun `vitdistill cache` with its recipe to write it again \(or delete"
+    ):
         StoreTargets(folder, student, source, source.images.device)
     capsys.readouterr()
     write_store(cfg)

@@ -58,7 +58,7 @@ class ConstantTeacher(TeacherSource):
         self.probs[params.label] = params.confidence
 
     @classmethod
-    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> "ConstantTeacher":
+    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> ConstantTeacher:
         assert cfg.teacher is not None
         return cls(cls.parse_params(cfg.teacher), source.num_classes, device)
 

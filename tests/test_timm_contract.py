@@ -27,7 +27,19 @@ from vitdistill.export import export_run
 from vitdistill.models import build_model, export_model
 
 # the keys timm's registry cfgs carry and its tests or data pipeline read
-CFG_KEYS = {"url", "num_classes", "input_size", "pool_size", "crop_pct", "interpolation", "mean", "std", "first_conv", "classifier", "architecture"}
+CFG_KEYS = {
+    "url",
+    "num_classes",
+    "input_size",
+    "pool_size",
+    "crop_pct",
+    "interpolation",
+    "mean",
+    "std",
+    "first_conv",
+    "classifier",
+    "architecture",
+}
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
@@ -35,7 +47,9 @@ def _token_head_deit(tmp_path_factory) -> tuple[str, dict]:
     """A DeiT with our per-token head, exported for timm: the architecture and arguments timm reads."""
     folder = tmp_path_factory.mktemp("deit") / "run"
     folder.mkdir()
-    model = build_model(ModelConfig(name="deit_tiny_distilled_patch16_224", img_size=16, patch_size=4, kwargs=TINY_VIT, token_head=True), 10, input_size=16)
+    model = build_model(
+        ModelConfig(name="deit_tiny_distilled_patch16_224", img_size=16, patch_size=4, kwargs=TINY_VIT, token_head=True), 10, input_size=16
+    )
     export_model(model, folder / "model.safetensors")
     config = json.loads((export_run(folder) / "config.json").read_text())
     return config["architecture"], config["model_args"]

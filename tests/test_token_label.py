@@ -69,8 +69,12 @@ def test_token_targets_match_the_pixels_of_real_augmented_views():
     H = W = 32
     img = torch.zeros(H, W, 3, dtype=torch.uint8)
     img[: H // 2] = 255
-    source = ImageSource(images=img.expand(64, H, W, 3).clone(), labels=torch.zeros(64, dtype=torch.long), classes=list("abc"), name="halves", items_hash="x")
-    views = Augmenter(source, AugmentConfig(input_size=16, crop="rrc", scale=(0.1, 0.6), hflip=0.5), 3, (0.0,) * 3, (1.0,) * 3, torch.device("cpu"))
+    source = ImageSource(
+        images=img.expand(64, H, W, 3).clone(), labels=torch.zeros(64, dtype=torch.long), classes=list("abc"), name="halves", items_hash="x"
+    )
+    views = Augmenter(
+        source, AugmentConfig(input_size=16, crop="rrc", scale=(0.1, 0.6), hflip=0.5), 3, (0.0,) * 3, (1.0,) * 3, torch.device("cpu")
+    )
     batch = views.train_batch(torch.arange(64), epoch=0)
     tokens, _ = pool_tokens(halves_map(8, 8, True).expand(64, -1, -1, -1), batch.boxes, batch.flips, (H, W), (4, 4))
     pixel_tokens = batch.images[:, 0].unfold(1, 4, 4).unfold(2, 4, 4).reshape(64, 16, 16)  # [B, token, pixels]
@@ -95,7 +99,12 @@ def test_dense_scores_are_the_classifier_at_every_location(tmp_path):
     for name, stem in (("vitdistill_convnet_tiny", False), ("resnet18", True)):
         model = build_model(ModelConfig(name=name, small_input_stem=stem), 10).eval()
         export_model(model, tmp_path / "t.safetensors")
-        teacher = build_online_teacher(TeacherConfig(checkpoint=str(tmp_path / "t.safetensors")), open_source(__import__("vitdistill").config.DataConfig(source="digits"), "test"), (0.5,) * 3, (0.5,) * 3)
+        teacher = build_online_teacher(
+            TeacherConfig(checkpoint=str(tmp_path / "t.safetensors")),
+            open_source(__import__("vitdistill").config.DataConfig(source="digits"), "test"),
+            (0.5,) * 3,
+            (0.5,) * 3,
+        )
         x = torch.randn(2, 3, 16, 16)
         with torch.no_grad():
             dense = dense_scores(teacher, x)
@@ -117,7 +126,16 @@ def test_mixtoken_boxes_and_model_forward():
         expected = [[y1 <= r < y2 and x1 <= c < x2 for c in range(4)] for r in range(4)]
         assert mix.mask[b].view(4, 4).tolist() == expected, b
     assert mix.mask.any(dim=1).float().mean() > 0.3  # most samples mix something
-    model = build_model(ModelConfig(name="deit_tiny_distilled_patch16_224", img_size=16, patch_size=4, token_head=True, kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2}), 3).eval()
+    model = build_model(
+        ModelConfig(
+            name="deit_tiny_distilled_patch16_224",
+            img_size=16,
+            patch_size=4,
+            token_head=True,
+            kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2},
+        ),
+        3,
+    ).eval()
     x = torch.randn(2, 3, 16, 16)
     plain = model(x)
     nothing = model(x, token_mix=TokenMix(mask=torch.zeros(2, 16, dtype=torch.bool), partner=torch.tensor([1, 0])))
@@ -152,7 +170,9 @@ def test_token_label_loss_is_its_equation_and_mixtoken_mixes_targets_consistentl
 
     mask = torch.tensor([[True, False, False, False], [False, False, False, False]])
     mix = TokenMix(mask=mask, partner=torch.tensor([1, 0]))
-    loss, _ = objective(ModelOutput(logits, token_logits=token_logits, tokens=torch.zeros(2, 5, 1), num_prefix=1, token_mix=mix), batch, teacher)
+    loss, _ = objective(
+        ModelOutput(logits, token_logits=token_logits, tokens=torch.zeros(2, 5, 1), num_prefix=1, token_mix=mix), batch, teacher
+    )
     mixed_tokens = token_targets.clone()
     mixed_tokens[0, 0] = token_targets[1, 0]  # the token taken from the partner takes its target
     mixed_cls = y_cls.clone()
@@ -165,7 +185,10 @@ def test_token_label_loss_is_its_equation_and_mixtoken_mixes_targets_consistentl
 @pytest.fixture(scope="module")
 def label_maps(tmp_path_factory, tiny_teacher):
     folder = tmp_path_factory.mktemp("maps") / "maps"
-    cfg = load_recipe("demo_student_distilled", tiny_run(folder / "unused", f"teacher.checkpoint={tiny_teacher}", f"labelmaps.path={folder}", "labelmaps.k=3"))
+    cfg = load_recipe(
+        "demo_student_distilled",
+        tiny_run(folder / "unused", f"teacher.checkpoint={tiny_teacher}", f"labelmaps.path={folder}", "labelmaps.k=3"),
+    )
     write_label_maps(cfg)
     return folder
 
@@ -181,11 +204,25 @@ def test_label_map_files(label_maps):
 
 
 def test_training_with_token_labels_and_mixtoken(label_maps, tmp_path):
-    result = train(load_recipe("demo_student_distilled", tiny_run(tmp_path / "deit", *TOKEN_RUN, f"teacher.label_maps={label_maps}", "teacher.checkpoint=null")))
+    result = train(
+        load_recipe(
+            "demo_student_distilled", tiny_run(tmp_path / "deit", *TOKEN_RUN, f"teacher.label_maps={label_maps}", "teacher.checkpoint=null")
+        )
+    )
     first, last = result.history
     assert last["train_token_label@cls"] < first["train_token_label@cls"]  # (16 steps: too few for accuracy above chance)
-    lvvit = ["model.name=lvvit_tiny", "model.img_size=8", "model.patch_size=2", "model.kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "model.token_head=false"]
-    result = train(load_recipe("demo_student", tiny_run(tmp_path / "lvvit", *TOKEN_RUN, *lvvit, f"teacher.label_maps={label_maps}", "teacher.checkpoint=null")))
+    lvvit = [
+        "model.name=lvvit_tiny",
+        "model.img_size=8",
+        "model.patch_size=2",
+        "model.kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
+        "model.token_head=false",
+    ]
+    result = train(
+        load_recipe(
+            "demo_student", tiny_run(tmp_path / "lvvit", *TOKEN_RUN, *lvvit, f"teacher.label_maps={label_maps}", "teacher.checkpoint=null")
+        )
+    )
     first, last = result.history
     assert last["train_token_label"] < first["train_token_label"]
 

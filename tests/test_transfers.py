@@ -50,13 +50,30 @@ def test_a_training_step_makes_no_host_device_copy(teacher, tmp_path, tiny_teach
         extra += [f"teacher.checkpoint={tiny_teacher}"]
     elif teacher == "store":
         store = tmp_path / "store"
-        write_store(load_recipe("demo_student_distilled", tiny_run(tmp_path / "u", *extra, f"teacher.checkpoint={tiny_teacher}", f"store.path={store}", "store.epochs=1")))
-        extra += [f"teacher.checkpoint={tiny_teacher}", f"teacher.store={store}", "optim.epochs=1", "objective=[{term: ce, head: cls}, {term: kd_soft, head: dist}]"]
+        write_store(
+            load_recipe(
+                "demo_student_distilled",
+                tiny_run(tmp_path / "u", *extra, f"teacher.checkpoint={tiny_teacher}", f"store.path={store}", "store.epochs=1"),
+            )
+        )
+        extra += [
+            f"teacher.checkpoint={tiny_teacher}",
+            f"teacher.store={store}",
+            "optim.epochs=1",
+            "objective=[{term: ce, head: cls}, {term: kd_soft, head: dist}]",
+        ]
     elif teacher == "label_maps":
         maps = tmp_path / "maps"
         extra = [*TINY_DEIT, "augment.cutmix_alpha=1.0"]
-        write_label_maps(load_recipe("demo_student_distilled", tiny_run(tmp_path / "u", f"teacher.checkpoint={tiny_teacher}", f"labelmaps.path={maps}")))
-        extra += [f"teacher.label_maps={maps}", "teacher.checkpoint=null", "model.token_head=true", "objective=[{term: token_label, mixtoken: true}]"]
+        write_label_maps(
+            load_recipe("demo_student_distilled", tiny_run(tmp_path / "u", f"teacher.checkpoint={tiny_teacher}", f"labelmaps.path={maps}"))
+        )
+        extra += [
+            f"teacher.label_maps={maps}",
+            "teacher.checkpoint=null",
+            "model.token_head=true",
+            "objective=[{term: token_label, mixtoken: true}]",
+        ]
     recipe = "demo_student" if teacher == "none" else "demo_student_distilled"
     mode = copies_in_steps(load_recipe(recipe, tiny_run(tmp_path / "run", *extra)))
     assert mode.to_device == [] and mode.to_host == []
@@ -81,7 +98,16 @@ def test_jpeg_records_reach_the_device_only_through_non_blocking_copies(tmp_path
             (root / split / c).mkdir(parents=True)
         for i, img in enumerate(photo_crops(8)):
             img.save(root / split / "ab"[i % 2] / f"{i}.jpg")
-    data = [f"data.root={root}", "data.source=imagefolder", "data.source_size=16", "data.records=jpeg", "data.decoder=cpu",
-            "data.train_limit=null", "data.eval_limit=null", f"data.cache_dir={tmp_path / 'cache'}", "optim.batch_size=2"]
+    data = [
+        f"data.root={root}",
+        "data.source=imagefolder",
+        "data.source_size=16",
+        "data.records=jpeg",
+        "data.decoder=cpu",
+        "data.train_limit=null",
+        "data.eval_limit=null",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "optim.batch_size=2",
+    ]
     mode = copies_in_steps(load_recipe("demo_student", tiny_run(tmp_path / "run", *TINY_DEIT, *VIEWS, *data)))
     assert mode.to_device and mode.blocking_to_device == [] and mode.to_host == []

@@ -24,4 +24,15 @@ except KeyboardInterrupt:  # Ctrl-C during the (seconds-long: torch, timm) impor
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "Prediction", "RunConfig", "RunResult", "UserError", "evaluate_checkpoint", "list_recipes", "load_recipe", "predict", "train"]
+__all__ = [
+    "ConfigError",
+    "Prediction",
+    "RunConfig",
+    "RunResult",
+    "UserError",
+    "evaluate_checkpoint",
+    "list_recipes",
+    "load_recipe",
+    "predict",
+    "train",
+]

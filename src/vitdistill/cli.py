@@ -51,8 +51,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .formatting import format_table
     from .runner import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, _split_overrides(args.overrides), args.batch_size, args.device,
-                                 args.ignore_class_names)
+    result = evaluate_checkpoint(
+        args.checkpoint, args.data, args.split, _split_overrides(args.overrides), args.batch_size, args.device, args.ignore_class_names
+    )
     print(f"{result['model']} on {result['data']} ({result['images']:,} images)")
     rows = [[k, f"{v:.2f}"] for k, v in result.items() if k.startswith(("top1", "top5"))]
     print(format_table(["metric (%)", "value"], rows))
@@ -78,7 +79,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         done, bad = write_predictions(rows, sys.stdout, args.format, k)
     where = f" -> {args.output}" if args.output else ""
-    print(f"vitdistill: predicted {done:,} images with the {predictor.kind}{where}" + (f"; {bad:,} could not be read" if bad else ""), file=sys.stderr)
+    print(
+        f"vitdistill: predicted {done:,} images with the {predictor.kind}{where}" + (f"; {bad:,} could not be read" if bad else ""),
+        file=sys.stderr,
+    )
     return EXIT_SOME_BAD if bad else 0
 
 
@@ -131,15 +135,37 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
 
     data = {"cifar32": args.data_cifar32, "imagenet224": args.data_imagenet224}
     overrides = {"student": args.student, "teacher": args.teacher, "synthetic_images": args.synthetic_images}
-    run(args.regimes, data, Path(args.cache), args.batch_size, args.workers, args.warmup, args.steps, args.compile, args.device, args.json, **overrides)
+    run(
+        args.regimes,
+        data,
+        Path(args.cache),
+        args.batch_size,
+        args.workers,
+        args.warmup,
+        args.steps,
+        args.compile,
+        args.device,
+        args.json,
+        **overrides,
+    )
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from .bench.gpu import run_bench_gpu
     from .config.parsing import parse_duration
 
-    report = run_bench_gpu(args.data, parse_duration(args.budget, "--budget"), args.output, args.json, args.smoke, args.device, args.compile,
-                           args.seed, args.stages, args.throughput_compile)
+    report = run_bench_gpu(
+        args.data,
+        parse_duration(args.budget, "--budget"),
+        args.output,
+        args.json,
+        args.smoke,
+        args.device,
+        args.compile,
+        args.seed,
+        args.stages,
+        args.throughput_compile,
+    )
     failed = [name for name, stage in report["stages"].items() if stage.get("status") == "failed"]
     if failed:
         print(f"vitdistill: bench gpu: stages failed: {', '.join(failed)} (details in the JSON report)", file=sys.stderr)
@@ -237,30 +263,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (teacher or student) from a recipe")
     p.add_argument("recipe", help="packaged recipe name (see `vitdistill recipes`) or a .yaml path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-4 data.root=/data/imagenet")
-    p.add_argument("--resume", nargs="?", const="", metavar="auto",
-                   help="continue from <output>/checkpoint.pt (an error when there is none); --resume auto: continue when it exists, start otherwise")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="auto",
+        help="continue from <output>/checkpoint.pt (an error when there is none); --resume auto: continue when it exists, start otherwise",
+    )
     p.add_argument("--budget", metavar="TIME", help="train as many steps as fit in TIME (e.g. 8m, 90s, 1h30m; = optim.budget)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a trained model")
     p.add_argument("checkpoint", help="run folder, model.safetensors, checkpoint.pt, timm export folder or model.onnx")
     p.add_argument("overrides", nargs="*", help="data.key=value overrides (e.g. data.eval_limit=1000)")
-    p.add_argument("--data", help="digits, cifar10, cifar100, an ImageFolder folder/archive or a Hugging Face dataset folder (default: the run's data)")
+    p.add_argument(
+        "--data", help="digits, cifar10, cifar100, an ImageFolder folder/archive or a Hugging Face dataset folder (default: the run's data)"
+    )
     p.add_argument("--split", help="split to evaluate (default: the run's eval split)")
-    p.add_argument("--ignore-class-names", action="store_true", help="evaluate even when the data's class names differ from the model's (by position)")
+    p.add_argument(
+        "--ignore-class-names", action="store_true", help="evaluate even when the data's class names differ from the model's (by position)"
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("predict", help="top-k classes of your own images under a run, a timm export or an ONNX export (CSV or JSON lines)",
-                       epilog="exit status: 0 when every image was predicted, 3 when some could not be read (one line each on stderr; "
-                              "the others are predicted), 2 on an error")
+    p = sub.add_parser(
+        "predict",
+        help="top-k classes of your own images under a run, a timm export or an ONNX export (CSV or JSON lines)",
+        epilog="exit status: 0 when every image was predicted, 3 when some could not be read (one line each on stderr; "
+        "the others are predicted), 2 on an error",
+    )
     p.add_argument("model", metavar="RUN_OR_EXPORT", help="run folder, model.safetensors, checkpoint.pt, timm export folder or model.onnx")
-    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders (walked recursively), .tar/.tar.gz/.zip archives, "
-                   "or a Hugging Face dataset (saved DatasetDict or parquet folder; see --split)")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGES",
+        help="image files, folders (walked recursively), .tar/.tar.gz/.zip archives, "
+        "or a Hugging Face dataset (saved DatasetDict or parquet folder; see --split)",
+    )
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5, at most the number of classes)")
-    p.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="csv: path,label_1,probability_1,...; jsonl: one JSON object a line")
+    p.add_argument(
+        "--format", choices=["csv", "jsonl"], default="csv", help="csv: path,label_1,probability_1,...; jsonl: one JSON object a line"
+    )
     p.add_argument("--output", metavar="FILE", help="write here (default: standard output)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--split", default="test", help="split of a Hugging Face dataset input (default test)")
@@ -351,9 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="the report (default <output>/gpu.json; a Markdown table is written beside it)")
     p.add_argument("--smoke", action="store_true", help="the same stages at toy scale on the CPU (digits, tiny models)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", choices=["", "augment", "model", "both"], default="",
-                   help="torch.compile the views and/or the students of the training stages (default: eager; compiling costs part of a short budget)")
-    p.add_argument("--throughput-compile", choices=["", "augment", "model", "both"], default="both", help="compile setting of the throughput stage")
+    p.add_argument(
+        "--compile",
+        choices=["", "augment", "model", "both"],
+        default="",
+        help="torch.compile the views and/or the students of the training stages (default: eager; compiling costs part of a short budget)",
+    )
+    p.add_argument(
+        "--throughput-compile", choices=["", "augment", "model", "both"], default="both", help="compile setting of the throughput stage"
+    )
     p.add_argument("--stages", nargs="+", help="run only these stages (default: all but the optional 'feature' and 'decode')")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_bench_gpu)

@@ -47,7 +47,10 @@ def run_demo(output: str | Path = "runs/demo", extra_overrides: tuple[str, ...] 
             "output": str(run_dir),
         }
     total = time.perf_counter() - start
-    rows = [[r["description"], f"{r['parameters'] / 1e6:.2f}M", f"{r['top1']:.2f}", format_duration(r["train_time_s"])] for r in results.values()]
+    rows = [
+        [r["description"], f"{r['parameters'] / 1e6:.2f}M", f"{r['top1']:.2f}", format_duration(r["train_time_s"])]
+        for r in results.values()
+    ]
     print(f"\nvitdistill demo: digits test split (360 images), last-epoch top-1, {format_duration(total)} in all")
     print(format_table(["model", "params", "top-1 (%)", "time"], rows))
     gain = results["distilled"]["top1"] - results["student"]["top1"]

@@ -115,8 +115,17 @@ def open_predictor(path: str | Path, device: torch.device | None = None) -> Pred
         names = list(meta["label_names"])
         if not names:  # an export of a model that did not record its classes: count them from the output
             names = [str(i) for i in range(module.session.get_outputs()[0].shape[-1])]
-        return Predictor(module, names, int(meta["input_size"][-1]), float(meta.get("crop_pct") or 1.0), mean, std,
-                         RecordShape(None), "onnx export", has_class_names=bool(meta["label_names"]))
+        return Predictor(
+            module,
+            names,
+            int(meta["input_size"][-1]),
+            float(meta.get("crop_pct") or 1.0),
+            mean,
+            std,
+            RecordShape(None),
+            "onnx export",
+            has_class_names=bool(meta["label_names"]),
+        )
     timm_config = path / "config.json" if path.is_dir() else None
     if timm_config is not None and timm_config.is_file() and not (path / "config.yaml").is_file():
         model = load_model(path)
@@ -134,8 +143,18 @@ def _from_model(model: VisionModel, recipe: dict | None, crop_pct: float, kind: 
     aug = parse_dataclass(AugmentConfig, (recipe or {}).get("augment") or {}, "augment")
     classes = list(spec.classes) or [str(i) for i in range(spec.num_classes)]
     record = RecordShape(data.source_size, data.max_aspect) if recipe else RecordShape(None)
-    return Predictor(model.to(device).eval(), classes, spec.input_size or aug.input_size, crop_pct, spec.mean or data.mean, spec.std or data.std,
-                     record, kind, recipe, has_class_names=bool(spec.classes))
+    return Predictor(
+        model.to(device).eval(),
+        classes,
+        spec.input_size or aug.input_size,
+        crop_pct,
+        spec.mean or data.mean,
+        spec.std or data.std,
+        record,
+        kind,
+        recipe,
+        has_class_names=bool(spec.classes),
+    )
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -158,7 +177,9 @@ def _archive_members(archive: Path) -> Iterator[tuple[str, bytes | str]]:
                     yield f"{archive}:{name}", zf.read(name)
         else:
             with tarfile.open(archive) as tf:
-                members = sorted((m for m in tf.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES), key=lambda m: m.name)
+                members = sorted(
+                    (m for m in tf.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES), key=lambda m: m.name
+                )
                 for member in members:
                     yield f"{archive}:{member.name}", tf.extractfile(member).read()
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
@@ -216,12 +237,21 @@ def _top_k(predictor: Predictor, source: ImageSource, device: torch.device, k: i
 
 
 def _rows(names: list[str], values: torch.Tensor, ids: torch.Tensor, classes: list[str]) -> list[Prediction]:
-    return [Prediction(name, [classes[i] for i in row_ids], [float(p) for p in row_values])
-            for name, row_values, row_ids in zip(names, values.tolist(), ids.tolist())]
+    return [
+        Prediction(name, [classes[i] for i in row_ids], [float(p) for p in row_values])
+        for name, row_values, row_ids in zip(names, values.tolist(), ids.tolist())
+    ]
 
 
-def predict_iter(model: str | Path | Predictor, inputs: list[str | Path], top_k: int = 5, batch_size: int = 64, device: str = "auto",
-                 split: str = "test", show_progress: bool = False) -> Iterator[Prediction]:
+def predict_iter(
+    model: str | Path | Predictor,
+    inputs: list[str | Path],
+    top_k: int = 5,
+    batch_size: int = 64,
+    device: str = "auto",
+    split: str = "test",
+    show_progress: bool = False,
+) -> Iterator[Prediction]:
     """:func:`predict`, one row at a time (in input order, batch by batch)."""
     torch_device = resolve_device(device)
     predictor = model if isinstance(model, Predictor) else open_predictor(model, torch_device)
@@ -239,7 +269,9 @@ def predict_iter(model: str | Path | Predictor, inputs: list[str | Path], top_k:
             yield from _predict_files(predictor, items, k, batch_size, torch_device, show_progress)
 
 
-def _predict_files(predictor: Predictor, inputs: list, k: int, batch_size: int, device: torch.device, show_progress: bool) -> Iterator[Prediction]:
+def _predict_files(
+    predictor: Predictor, inputs: list, k: int, batch_size: int, device: torch.device, show_progress: bool
+) -> Iterator[Prediction]:
     def decode(item):
         return (None, None, "no such file") if item[1] is None else decode_image(item[1], predictor.record)
 
@@ -256,15 +288,25 @@ def _predict_files(predictor: Predictor, inputs: list, k: int, batch_size: int, 
                 yield rows[i] if i in rows else Prediction(name, [], [], error)
 
 
-def _predict_hf(predictor: Predictor, root: Path, split: str, k: int, batch_size: int, device: torch.device, show_progress: bool) -> Iterator[Prediction]:
+def _predict_hf(
+    predictor: Predictor, root: Path, split: str, k: int, batch_size: int, device: torch.device, show_progress: bool
+) -> Iterator[Prediction]:
     """Every row of a Hugging Face dataset's split, decoded through the HF source (rows that cannot be decoded are bad inputs)."""
     from .data import open_source
 
     recipe_data = dict((predictor.recipe or {}).get("data") or {})
-    cfg = parse_dataclass(DataConfig, {
-        "source": "hf", "root": str(root), "on_corrupt": "skip", "source_size": predictor.record.size, "max_aspect": predictor.record.max_aspect,
-        **{key: recipe_data[key] for key in ("image_column", "label_column", "cache_dir") if recipe_data.get(key) is not None},
-    }, "data")
+    cfg = parse_dataclass(
+        DataConfig,
+        {
+            "source": "hf",
+            "root": str(root),
+            "on_corrupt": "skip",
+            "source_size": predictor.record.size,
+            "max_aspect": predictor.record.max_aspect,
+            **{key: recipe_data[key] for key in ("image_column", "label_column", "cache_dir") if recipe_data.get(key) is not None},
+        },
+        "data",
+    )
     source = open_source(cfg, split)
     for name in source.skipped.get("corrupt", []):
         yield Prediction(name, [], [], "cannot be decoded")
@@ -282,8 +324,9 @@ def _predict_hf(predictor: Predictor, root: Path, split: str, k: int, batch_size
             yield from _rows(names, values.cpu(), ids.cpu(), predictor.classes)
 
 
-def predict(model: str | Path | Predictor, inputs: list[str | Path], top_k: int = 5, batch_size: int = 64, device: str = "auto",
-            split: str = "test") -> list[Prediction]:
+def predict(
+    model: str | Path | Predictor, inputs: list[str | Path], top_k: int = 5, batch_size: int = 64, device: str = "auto", split: str = "test"
+) -> list[Prediction]:
     """Top-``top_k`` classes and probabilities of every image in ``inputs`` (image files, folders
     walked recursively, .tar/.tar.gz/.tgz/.zip archives, Hugging Face datasets: a saved
     ``DatasetDict`` or a parquet folder, its ``split``) under a run or an export (see

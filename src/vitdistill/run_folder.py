@@ -46,7 +46,11 @@ def data_config_for(recipe: dict | None, data: str | None, overrides: list[str])
         raw = {"source": data}
     elif data is not None:
         # another folder of the same kind of data: the run's split names (and HF columns) still apply
-        kept = {k: raw[k] for k in ("train_split", "eval_split", "image_column", "label_column", "source_size", "max_aspect", "cache_dir") if k in raw}
+        kept = {
+            k: raw[k]
+            for k in ("train_split", "eval_split", "image_column", "label_column", "source_size", "max_aspect", "cache_dir")
+            if k in raw
+        }
         raw = {**kept, "source": "hf" if is_hf_folder(Path(data)) else "imagefolder", "root": data}
     tree = {"data": raw}
     for item in overrides:

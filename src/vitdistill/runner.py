@@ -36,7 +36,7 @@ from .objective import Objective
 from .rng import derive_seed
 from .run_folder import data_config_for
 from .signals import handle_signals
-from .targets import SOURCES, Request, TeacherSource, build_online_teacher, source_class
+from .targets import SOURCES, Request, TeacherSource, source_class
 
 # Keys that may change when a run is resumed (everything else must match the checkpoint).
 RESUMABLE_CHANGES = ("optim.epochs", "engine.", "output")
@@ -68,7 +68,9 @@ def check_batch_size(batch_size: int, images: int, world: int) -> None:
     if batch_size % world:
         raise ConfigError("optim.batch_size", f"{batch_size} is not divisible by the {world} processes")
     if images < batch_size:
-        raise ConfigError("optim.batch_size", f"{batch_size} is larger than the {images:,} training images (the last partial batch is dropped)")
+        raise ConfigError(
+            "optim.batch_size", f"{batch_size} is larger than the {images:,} training images (the last partial batch is dropped)"
+        )
 
 
 def check_resume_compatible(saved: dict, current: RunConfig) -> None:
@@ -80,7 +82,9 @@ def check_resume_compatible(saved: dict, current: RunConfig) -> None:
         if key not in old and key in defaults and new.get(key) == defaults[key]:
             continue  # a key newer than the checkpoint, at its default: the run it describes is the same
         if old.get(key) != new.get(key):
-            raise UserError(f"--resume: {key} was {old.get(key)!r} in the checkpoint but is {new.get(key)!r} now; resume with the same recipe")
+            raise UserError(
+                f"--resume: {key} was {old.get(key)!r} in the checkpoint but is {new.get(key)!r} now; resume with the same recipe"
+            )
 
 
 def check_resume_progress(state: dict, cfg: RunConfig) -> None:
@@ -90,11 +94,15 @@ def check_resume_progress(state: dict, cfg: RunConfig) -> None:
     a run (the average would cover the resumed epochs only)."""
     done = int(state["epoch"])
     if state.get("budget_plan") is None and cfg.optim.epochs < done:
-        raise UserError(f"--resume: optim.epochs={cfg.optim.epochs} but {done} epochs are already complete; "
-                        f"resume with optim.epochs >= {done}, or train a new run (output=...)")
+        raise UserError(
+            f"--resume: optim.epochs={cfg.optim.epochs} but {done} epochs are already complete; "
+            f"resume with optim.epochs >= {done}, or train a new run (output=...)"
+        )
     if cfg.engine.ema_decay is not None and state.get("ema") is None:
-        raise UserError(f"--resume: engine.ema_decay={cfg.engine.ema_decay} is new: the checkpoint has no EMA weights (trained without EMA), "
-                        "and an average started now would cover the resumed epochs only; train a new run with engine.ema_decay set")
+        raise UserError(
+            f"--resume: engine.ema_decay={cfg.engine.ema_decay} is new: the checkpoint has no EMA weights (trained without EMA), "
+            "and an average started now would cover the resumed epochs only; train a new run with engine.ema_decay set"
+        )
 
 
 def check_writable(folder: Path, key: str = "output") -> None:
@@ -111,16 +119,9 @@ def check_writable(folder: Path, key: str = "output") -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        why = {errno.EROFS: "is on a read-only file system", errno.ENOSPC: "is on a full disk"}.get(err.errno, "cannot be written")
+        reasons = {errno.EROFS: "is on a read-only file system", errno.ENOSPC: "is on a full disk"}
+        why = reasons.get(err.errno or 0, "cannot be written")
         raise UserError(f"{key}: {folder} {why} ({err.strerror or err}); choose another output folder") from None
-
-
-class _Classes:
-    """The data's classes before its images are read (what the teacher's checks ask of a source)."""
-
-    def __init__(self, classes: list[str]):
-        self.classes = classes
-        self.num_classes = len(classes)
 
 
 def check_before_data(cfg: RunConfig) -> None:
@@ -133,19 +134,24 @@ def check_before_data(cfg: RunConfig) -> None:
     classes = peek_classes(cfg.data)
     count = len(classes) if classes else 2  # unknown yet: any count builds the same architecture
     model = build_model(cfg.model, count, classes=classes, input_size=cfg.augment.input_size, mean=cfg.data.mean, std=cfg.data.std)
-    check_input_size(model.backbone, cfg.augment.input_size, "augment.input_size", cfg.model.name, f"set model.img_size={cfg.augment.input_size}")
+    check_input_size(
+        model.backbone, cfg.augment.input_size, "augment.input_size", cfg.model.name, f"set model.img_size={cfg.augment.input_size}"
+    )
     objective = Objective(cfg.objective, count, model.has_dist_head)
     if objective.needs_token_logits and not model.has_token_logits:
-        raise ConfigError("model.token_head", f"the objective classifies every patch token: set model.token_head: true ({cfg.model.name} has no per-token head)")
+        raise ConfigError(
+            "model.token_head",
+            f"the objective classifies every patch token: set model.token_head: true ({cfg.model.name} has no per-token head)",
+        )
     if not objective.needs_teacher or cfg.teacher is None:
         return
     for key in sorted({key for kind in SOURCES.values() for key in kind.path_keys}):
         value = getattr(cfg.teacher, key, None)
         if value is not None and not Path(value).expanduser().exists():
             raise UserError(f"teacher.{key}: {value} does not exist")
-    if classes is not None and source_class(cfg.teacher).kind == "online":
-        build_online_teacher(cfg.teacher, _Classes(classes), cfg.data.mean, cfg.data.std, cfg.augment.input_size,  # type: ignore[arg-type]
-                             classes=objective.needs_teacher_classes, features=objective.needs_teacher_features)
+    if classes is not None:
+        request = Request(classes=objective.needs_teacher_classes, features=objective.needs_teacher_features)
+        source_class(cfg.teacher).check_classes(cfg, classes, request)
 
 
 def build_trainer(cfg: RunConfig, env: DistEnv, output: Path, clock_start: float | None = None) -> Trainer:
@@ -155,16 +161,31 @@ def build_trainer(cfg: RunConfig, env: DistEnv, output: Path, clock_start: float
     mean, std = cfg.data.mean, cfg.data.std
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # same seed, same initial weights
     model = build_model(cfg.model, train_src.num_classes, classes=train_src.classes, input_size=cfg.augment.input_size, mean=mean, std=std)
-    check_input_size(model.backbone, cfg.augment.input_size, "augment.input_size", cfg.model.name, f"set model.img_size={cfg.augment.input_size}")
+    check_input_size(
+        model.backbone, cfg.augment.input_size, "augment.input_size", cfg.model.name, f"set model.img_size={cfg.augment.input_size}"
+    )
     objective = Objective(cfg.objective, train_src.num_classes, model.has_dist_head)
     model.capture(objective.needed_blocks)
     if objective.needs_token_logits and not model.has_token_logits:
-        raise ConfigError("model.token_head", f"the objective classifies every patch token: set model.token_head: true ({cfg.model.name} has no per-token head)")
+        raise ConfigError(
+            "model.token_head",
+            f"the objective classifies every patch token: set model.token_head: true ({cfg.model.name} has no per-token head)",
+        )
     teacher = build_targets(cfg, model, train_src, env, objective) if objective.needs_teacher else None
     objective.setup(model, cfg.seed, teacher)  # terms size their own parameters (a projector) from the teacher
     augment_device = torch.device("cpu") if cfg.data.augment_device == "cpu" else None
     train_views, eval_views = (
-        Augmenter(src, cfg.augment, cfg.seed, mean, std, env.device, placement=cfg.data.placement, workers=cfg.data.workers, augment_device=augment_device)
+        Augmenter(
+            src,
+            cfg.augment,
+            cfg.seed,
+            mean,
+            std,
+            env.device,
+            placement=cfg.data.placement,
+            workers=cfg.data.workers,
+            augment_device=augment_device,
+        )
         for src in (train_src, eval_src)
     )
     return Trainer(cfg, model, objective, train_views, eval_views, teacher, env, output, clock_start)
@@ -226,7 +247,11 @@ def _train(cfg: RunConfig, resume: bool | str, env: DistEnv, output: Path) -> Ru
         if env.is_main:
             print(f"vitdistill: {cfg.name}: {describe_source(source)} -> {output}")
             if state is not None:
-                at = f"in epoch {state['epoch'] + 1} at step {state['step']}/{trainer.steps}" if state.get("step") else f"after epoch {state['epoch']}"
+                at = (
+                    f"in epoch {state['epoch'] + 1} at step {state['step']}/{trainer.steps}"
+                    if state.get("step")
+                    else f"after epoch {state['epoch']}"
+                )
                 print(f"vitdistill: resuming from {checkpoint} {at}")
             for line in describe_skipped(source, trainer.eval_views.source):
                 print(f"vitdistill: {line}")
@@ -284,7 +309,9 @@ def budget_report(trainer: Trainer, wall: float) -> dict | None:
     return {**clock.plan.to_dict(), "actual_s": wall, "cut_short": clock.cut_short, "steps_done": trainer.total_steps}
 
 
-def write_summary(cfg: RunConfig, output: Path, history: list[dict], wall: float, skipped: dict | None = None, budget: dict | None = None) -> None:
+def write_summary(
+    cfg: RunConfig, output: Path, history: list[dict], wall: float, skipped: dict | None = None, budget: dict | None = None
+) -> None:
     final = history[-1] if history else {}
     rates = [row["train_img_per_s"] for row in history if "train_img_per_s" in row]
     summary = {
@@ -302,9 +329,13 @@ def write_summary(cfg: RunConfig, output: Path, history: list[dict], wall: float
     print(f"\nvitdistill: {cfg.name} finished in {format_duration(wall)}; weights in {output / 'model.safetensors'}")
     if budget is not None:
         missing = budget["total_steps"] - budget["steps_done"]
-        note = f", cut short by {missing:,} of {budget['total_steps']:,} steps: the measured rate did not hold" if budget["cut_short"] else ""
-        print(f"vitdistill: budget {format_duration(budget['budget_s'])}: planned end {format_duration(budget['planned_end_s'])}, "
-              f"actual {format_duration(wall)}{note}")
+        note = (
+            f", cut short by {missing:,} of {budget['total_steps']:,} steps: the measured rate did not hold" if budget["cut_short"] else ""
+        )
+        print(
+            f"vitdistill: budget {format_duration(budget['budget_s'])}: planned end {format_duration(budget['planned_end_s'])}, "
+            f"actual {format_duration(wall)}{note}"
+        )
     print(format_summary(history))
 
 
@@ -342,12 +373,16 @@ def check_class_names(model_classes: list[str], data_classes: list[str], data_na
     missing = [c for c in model_classes if c not in data_classes]
     extra = [c for c in data_classes if c not in model_classes]
     show = lambda names: ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")  # noqa: E731
-    parts = ([f"the model's {show(missing)} not in the data"] if missing else []) + ([f"the data's {show(extra)} unknown to the model"] if extra else [])
+    parts = ([f"the model's {show(missing)} not in the data"] if missing else []) + (
+        [f"the data's {show(extra)} unknown to the model"] if extra else []
+    )
     if not parts:
         moved = [c for i, c in enumerate(data_classes) if model_classes[i] != c]
         parts = [f"same names in another order ({show(moved)} moved)"]
-    raise UserError(f"eval: the classes of {data_name} are not the model's: {'; '.join(parts)} "
-                    "(pass --ignore-class-names to compare class by position anyway)")
+    raise UserError(
+        f"eval: the classes of {data_name} are not the model's: {'; '.join(parts)} "
+        "(pass --ignore-class-names to compare class by position anyway)"
+    )
 
 
 def skipped_files(*sources: ImageSource) -> dict:

@@ -8,7 +8,7 @@ line); ``check_objective`` also fills in every term's default parameters.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from .augment.randaugment import check_rand_augment
 from .config import RunConfig, parse_config, read_recipe

@@ -9,4 +9,13 @@ from .capture import Capture, ViTLayout, capture, vit_layout
 from .landscape import filter_normalized_direction, loss_landscape_1d, loss_landscape_2d
 from .pipeline import analyze
 
-__all__ = ["Capture", "ViTLayout", "analyze", "capture", "filter_normalized_direction", "loss_landscape_1d", "loss_landscape_2d", "vit_layout"]
+__all__ = [
+    "Capture",
+    "ViTLayout",
+    "analyze",
+    "capture",
+    "filter_normalized_direction",
+    "loss_landscape_1d",
+    "loss_landscape_2d",
+    "vit_layout",
+]

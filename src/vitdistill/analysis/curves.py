@@ -119,7 +119,13 @@ def plot_comparison(histories: Mapping[str, Sequence[Mapping[str, float]]], path
             for name in names:
                 if name in series.get(panel, {}):
                     epochs, values = series[panel][name]
-                    ax.plot(epochs, values, color=colour, linestyle="--" if name.startswith("ema_") else "-", label=label if name == names[0] else f"{label} (EMA)")
+                    ax.plot(
+                        epochs,
+                        values,
+                        color=colour,
+                        linestyle="--" if name.startswith("ema_") else "-",
+                        label=label if name == names[0] else f"{label} (EMA)",
+                    )
     for ax, (panel, _) in zip(axes[0], panels):
         ylabel, title = PANEL_LABELS[panel]
         ax.set_xlabel("epoch")

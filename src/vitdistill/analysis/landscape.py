@@ -74,7 +74,9 @@ def evaluate_batches(model: nn.Module, batches: Batches) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def _sweep(model: nn.Module, batches: Batches, points: list[tuple[float, float]], d1: Direction, d2: Direction | None, desc: str) -> list[tuple[float, float]]:
+def _sweep(
+    model: nn.Module, batches: Batches, points: list[tuple[float, float]], d1: Direction, d2: Direction | None, desc: str
+) -> list[tuple[float, float]]:
     params = dict(model.named_parameters())
     origin = {name: p.detach().clone() for name, p in params.items()}
     was_training = model.training
@@ -95,7 +97,9 @@ def _sweep(model: nn.Module, batches: Batches, points: list[tuple[float, float]]
     return results
 
 
-def loss_landscape_1d(model: nn.Module, batches: Batches, alphas: Sequence[float], seed: int = 0, direction: Direction | None = None) -> dict:
+def loss_landscape_1d(
+    model: nn.Module, batches: Batches, alphas: Sequence[float], seed: int = 0, direction: Direction | None = None
+) -> dict:
     """Loss and top-1 at ``theta + alpha d`` for each ``alpha``; ``d`` is
     :func:`filter_normalized_direction` from ``torch.Generator().manual_seed(seed)`` unless given.
 

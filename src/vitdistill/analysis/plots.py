@@ -22,7 +22,9 @@ def _layered(runs: Mapping[str, dict], key: str) -> dict[str, list]:
     return {label: r["layers"][key] for label, r in runs.items() if r.get("layers") and r["layers"].get(key) is not None}
 
 
-def plot_layer_curve(runs: Mapping[str, dict], key: str, ylabel: str, title: str, path: Path, embedding_key: str | None = None) -> Path | None:
+def plot_layer_curve(
+    runs: Mapping[str, dict], key: str, ylabel: str, title: str, path: Path, embedding_key: str | None = None
+) -> Path | None:
     """One line per model: ``layers[key]`` against the block index (1..depth); with
     ``embedding_key`` the value of block 0's input is drawn at x = 0."""
     series = _layered(runs, key)
@@ -157,13 +159,24 @@ def plot_all(runs: Mapping[str, dict], maps: Mapping[str, torch.Tensor | None], 
     output = Path(output)
     made = {
         "patch_similarity": plot_layer_curve(
-            runs, "patch_cosine", "mean pairwise cosine", "Patch token similarity", output / FIGURES["patch_similarity"], "embedding_patch_cosine"
+            runs,
+            "patch_cosine",
+            "mean pairwise cosine",
+            "Patch token similarity",
+            output / FIGURES["patch_similarity"],
+            "embedding_patch_cosine",
         ),
-        "attention_std": plot_layer_curve(runs, "attention_std", "std of attention rows", "Attention spread", output / FIGURES["attention_std"]),
+        "attention_std": plot_layer_curve(
+            runs, "attention_std", "std of attention rows", "Attention spread", output / FIGURES["attention_std"]
+        ),
         "attention_distance": plot_attention_distance(runs, output / FIGURES["attention_distance"]),
-        "head_similarity": plot_layer_curve(runs, "head_similarity", "mean cosine between heads", "Head similarity", output / FIGURES["head_similarity"]),
+        "head_similarity": plot_layer_curve(
+            runs, "head_similarity", "mean cosine between heads", "Head similarity", output / FIGURES["head_similarity"]
+        ),
         "attention_maps": plot_attention_maps(maps, output / FIGURES["attention_maps"]),
-        "cls_dist_cosine": plot_layer_curve(runs, "cls_dist_cosine", "cosine(class, distillation token)", "Class vs distillation token", output / FIGURES["cls_dist_cosine"]),
+        "cls_dist_cosine": plot_layer_curve(
+            runs, "cls_dist_cosine", "cosine(class, distillation token)", "Class vs distillation token", output / FIGURES["cls_dist_cosine"]
+        ),
         "landscape_1d": plot_landscape_1d(runs, output / FIGURES["landscape_1d"]),
         "landscape_2d": plot_landscape_2d(runs, output / FIGURES["landscape_2d"]),
     }

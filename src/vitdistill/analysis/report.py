@@ -24,7 +24,10 @@ def key_numbers(result: dict) -> dict[str, str]:
     """The table rows of one model: name -> formatted value."""
     layers = result.get("layers") or {}
     heads = result.get("heads") or {}
-    last = lambda key: (layers.get(key) or [None])[-1]
+
+    def last(key):
+        return (layers.get(key) or [None])[-1]
+
     return {
         "model": result["model"],
         "top-1 on the analysed images (%)": _fmt(result.get("top1"), 2),

@@ -61,7 +61,9 @@ def model_statistics(model: nn.Module, batches: Batches) -> tuple[dict, torch.Te
                 "embedding_patch_cosine": metrics.patch_cosine_similarity(cap.embeddings, p),
                 "patch_cosine": torch.stack([metrics.patch_cosine_similarity(t, p) for t in cap.tokens]),
                 "attention_std": torch.stack([metrics.attention_std(a) for a in cap.attention]),
-                "attention_distance": torch.stack([metrics.attention_distance(a, layout.grid, layout.patch_size, p) for a in cap.attention]),
+                "attention_distance": torch.stack(
+                    [metrics.attention_distance(a, layout.grid, layout.patch_size, p) for a in cap.attention]
+                ),
                 "head_similarity": torch.stack([metrics.head_similarity(a) for a in cap.attention]),
                 "attention_maps": torch.stack([metrics.mean_attention_map(a) for a in cap.attention]),
             }

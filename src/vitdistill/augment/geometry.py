@@ -108,7 +108,9 @@ def centre_boxes(n: int, height: Size, width: Size, device, crop_pct: float = 1.
     return torch.stack([x1, y1, x1 + side, y1 + side], dim=1).to(torch.float32)
 
 
-def sample_boxes(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: Size, width: Size, cfg: AugmentConfig) -> torch.Tensor:
+def sample_boxes(
+    rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, height: Size, width: Size, cfg: AugmentConfig
+) -> torch.Tensor:
     """The training crop box of every sample (``crop: none`` is the centred square of the short
     side: the whole image when square, and the evaluation view's geometry otherwise)."""
     if cfg.crop == "rrc":
@@ -122,7 +124,9 @@ def sample_flips(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor
     return rng.uniform(epoch, index, "hflip", 1)[:, 0] < prob
 
 
-def render(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int, pad: int = 0, transposed: torch.Tensor | None = None) -> torch.Tensor:
+def render(
+    images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int, pad: int = 0, transposed: torch.Tensor | None = None
+) -> torch.Tensor:
     """Crop ``boxes`` out of uint8 ``[B, H, W, 3]`` records, resize to ``size``, flip.
 
     Returns float ``[B, 3, size, size]`` in [0, 1]. Boxes may reach ``pad`` pixels outside the

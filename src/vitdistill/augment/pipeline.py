@@ -8,8 +8,8 @@ coordinates, flip, mixing partner, lambda and cutmix box).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import torch
 
@@ -51,7 +51,7 @@ class ViewBatch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device) -> "ViewBatch":
+    def to(self, device: torch.device) -> ViewBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return ViewBatch(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
@@ -72,8 +72,18 @@ class Augmenter:
     to ``device``. Views do not depend on any of these choices (bit for bit on the CPU).
     """
 
-    def __init__(self, source: ImageSource, cfg: AugmentConfig, seed: int, mean, std, device: torch.device, placement: str = "auto", workers: int = 4,
-                 augment_device: torch.device | None = None):
+    def __init__(
+        self,
+        source: ImageSource,
+        cfg: AugmentConfig,
+        seed: int,
+        mean,
+        std,
+        device: torch.device,
+        placement: str = "auto",
+        workers: int = 4,
+        augment_device: torch.device | None = None,
+    ):
         self.source = source
         self.cfg = cfg
         self.rng = CounterRNG(seed)
@@ -155,7 +165,9 @@ class Augmenter:
         for index, pixels in zip(on_device, prefetch(self.images, needed, self.device, self.workers)):
             yield self.train_batch(index, epoch, pixels)
 
-    def _views(self, keys: torch.Tensor, epoch: torch.Tensor, pixels: torch.Tensor, height, width, transposed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _views(
+        self, keys: torch.Tensor, epoch: torch.Tensor, pixels: torch.Tensor, height, width, transposed
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised views of ``keys`` (view keys) in ``epoch``, with their crop boxes (in each
         image's own pixels and orientation) and flips; ``height``, ``width``, ``transposed`` from
         :meth:`geometry`.
@@ -218,22 +230,24 @@ class Augmenter:
             partner_boxes = torch.where(plan.is_mixed[:, None], table_boxes, boxes)
             partner_flips = torch.where(plan.is_mixed, table_flips, flips)
         partner = self.sample_index(plan.partner)
-        return self._deliver(ViewBatch(
-            images=images,
-            labels=self.labels[index],
-            index=index,
-            epoch=epoch,
-            view=keys,
-            boxes=boxes,
-            flips=flips,
-            partner=partner,
-            partner_labels=self.labels[partner],
-            partner_boxes=partner_boxes,
-            partner_flips=partner_flips,
-            lam=plan.lam,
-            mix_boxes=plan.box,
-            partner_view=plan.partner,
-        ))
+        return self._deliver(
+            ViewBatch(
+                images=images,
+                labels=self.labels[index],
+                index=index,
+                epoch=epoch,
+                view=keys,
+                boxes=boxes,
+                flips=flips,
+                partner=partner,
+                partner_labels=self.labels[partner],
+                partner_boxes=partner_boxes,
+                partner_flips=partner_flips,
+                lam=plan.lam,
+                mix_boxes=plan.box,
+                partner_view=plan.partner,
+            )
+        )
 
     def _deliver(self, batch: ViewBatch) -> ViewBatch:
         return batch if self.output_device == self.device else batch.to(self.output_device)
@@ -244,7 +258,9 @@ class Augmenter:
             return plan_mixing(self.rng, epoch, keys, self._partners_for(epoch, on_device=True), self.cfg, self.cfg.input_size)
         n = keys.shape[0]
         false = torch.zeros(n, dtype=torch.bool, device=self.device)
-        return MixPlan(partner=keys, lam=torch.ones(n, device=self.device), box=torch.zeros(n, 4, device=self.device), is_cutmix=false, is_mixed=false)
+        return MixPlan(
+            partner=keys, lam=torch.ones(n, device=self.device), box=torch.zeros(n, 4, device=self.device), is_cutmix=false, is_mixed=false
+        )
 
     def eval_batch(self, index: torch.Tensor) -> ViewBatch:
         """Deterministic evaluation views: centre crop of ``eval_crop_pct``, resized."""
@@ -255,24 +271,28 @@ class Augmenter:
         flips = torch.zeros(n, dtype=torch.bool, device=self.device)
         images = render(self._gather(index), boxes, flips, self.cfg.input_size, transposed=transposed)
         labels = self.labels[index]
-        return self._deliver(ViewBatch(
-            images=self.normalise(images),
-            labels=labels,
-            index=index,
-            epoch=-1,
-            view=index,
-            boxes=boxes,
-            flips=flips,
-            partner=index,
-            partner_labels=labels,
-            partner_boxes=boxes,
-            partner_flips=flips,
-            lam=torch.ones(n, device=self.device),
-            mix_boxes=torch.zeros(n, 4, device=self.device),
-        ))
+        return self._deliver(
+            ViewBatch(
+                images=self.normalise(images),
+                labels=labels,
+                index=index,
+                epoch=-1,
+                view=index,
+                boxes=boxes,
+                flips=flips,
+                partner=index,
+                partner_labels=labels,
+                partner_boxes=boxes,
+                partner_flips=flips,
+                lam=torch.ones(n, device=self.device),
+                mix_boxes=torch.zeros(n, 4, device=self.device),
+            )
+        )
 
 
-def place_images(source: ImageSource, device: torch.device, placement: str = "auto", max_fraction: float = 0.4) -> tuple[torch.Tensor, bool]:
+def place_images(
+    source: ImageSource, device: torch.device, placement: str = "auto", max_fraction: float = 0.4
+) -> tuple[torch.Tensor, bool]:
     """Where the uint8 images live, and whether that is the compute device.
 
     ``auto``: on the GPU when they take at most ``max_fraction`` of its free memory; on a CPU

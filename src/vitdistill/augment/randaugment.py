@@ -49,13 +49,38 @@ LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is the full argument ran
 TRANSLATE_PCT = 0.45  # timm's default translate_pct for the *Rel translations
 
 RAND_TRANSFORMS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
-    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 )
 RAND_INCREASING_TRANSFORMS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
-    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
-    "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 )
 
 
@@ -277,9 +302,9 @@ def sharpness(x, factor):
     depend on the batch it is in (conv backends pick algorithms by batch size).
     """
     h, w = x.shape[2], x.shape[3]
-    rows = x[:, :, :, 0:w - 2] + x[:, :, :, 1:w - 1] + x[:, :, :, 2:w]
-    box = rows[:, :, 0:h - 2] + rows[:, :, 1:h - 1] + rows[:, :, 2:h]  # 3x3 sums of the interior
-    smooth = (box + 4.0 * x[:, :, 1:h - 1, 1:w - 1]) / 13.0
+    rows = x[:, :, :, 0 : w - 2] + x[:, :, :, 1 : w - 1] + x[:, :, :, 2:w]
+    box = rows[:, :, 0 : h - 2] + rows[:, :, 1 : h - 1] + rows[:, :, 2:h]  # 3x3 sums of the interior
+    smooth = (box + 4.0 * x[:, :, 1 : h - 1, 1 : w - 1]) / 13.0
     degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = torch.floor(smooth + 0.5)  # Pillow rounds and keeps the border
     return _blend(degenerate, x, factor)
@@ -445,7 +470,9 @@ def slot_geometry(draws: SlotDraws, transforms: tuple[str, ...], height: int, wi
     return matrix, geometric
 
 
-def geometric_warps(rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, spec: RandAugmentSpec, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def geometric_warps(
+    rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, spec: RandAugmentSpec, size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per op slot, the warp RandAugment applied to each ``size x size`` view (see
     :func:`slot_geometry`): re-derived from the same draws, so targets laid over a view (token
     labels) can follow its rotations, shears and translations."""
@@ -458,8 +485,14 @@ def fill_levels(fill: tuple[float, float, float], device, dtype=torch.float32) -
     return torch.tensor([min(255, round(255 * v)) for v in fill], dtype=dtype, device=device)
 
 
-def rand_augment(images: torch.Tensor, rng: CounterRNG, epoch: int | torch.Tensor, index: torch.Tensor, spec: RandAugmentSpec,
-                 fill: tuple[float, float, float] | torch.Tensor) -> torch.Tensor:
+def rand_augment(
+    images: torch.Tensor,
+    rng: CounterRNG,
+    epoch: int | torch.Tensor,
+    index: torch.Tensor,
+    spec: RandAugmentSpec,
+    fill: tuple[float, float, float] | torch.Tensor,
+) -> torch.Tensor:
     """images: [B, 3, H, W] float in [0, 1] (un-normalised), index: [B] int64 sample ids on the same device.
 
     Returns the augmented batch, same shape/dtype, values in [0, 1]. fill: colour (in [0,1]) for

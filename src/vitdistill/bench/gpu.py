@@ -36,9 +36,9 @@ import shutil
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -53,7 +53,7 @@ class Stage:
     name: str
     title: str
     share: float  # of the budget left when the stage starts (relative to the later stages' shares)
-    run: Callable[["Bench", float], dict]
+    run: Callable[[Bench, float], dict]
     max_s: float | None = None  # a cap on the stage's budget
     needs: tuple[str, ...] = ()  # stages whose results it uses
     optional: bool = False  # runs only when named in --stages
@@ -96,7 +96,10 @@ class Bench:
         return [f"output={self.output / name}", f"data.cache_dir={cache}", f"seed={self.seed}", f"engine.device={self.device}", *data]
 
     def compile_overrides(self) -> list[str]:
-        return [f"augment.compile={str(self.compile in ('augment', 'both')).lower()}", f"engine.compile={str(self.compile in ('model', 'both')).lower()}"]
+        return [
+            f"augment.compile={str(self.compile in ('augment', 'both')).lower()}",
+            f"engine.compile={str(self.compile in ('model', 'both')).lower()}",
+        ]
 
     def teacher_export(self) -> Path:
         return self.output / "teacher" / "model.safetensors"
@@ -162,12 +165,26 @@ def stage_throughput(bench: Bench, budget_s: float) -> dict:
         regime = replace(REGIMES["cifar32"], student=tiny, teacher="vitdistill_convnet_tiny", teacher_small_stem=False)
         result = run_regime(regime, None, cache, 8, 1, 1, 2, "", bench.device, synthetic_images=32)  # seconds: no deadline needed
     else:
-        result = run_regime(REGIMES["cifar32"], bench.data, cache, 1024, max(1, min(15, (os.cpu_count() or 2) - 1)), 10, 40, bench.throughput_compile,
-                            bench.device, deadline=time.perf_counter() + budget_s)
+        result = run_regime(
+            REGIMES["cifar32"],
+            bench.data,
+            cache,
+            1024,
+            max(1, min(15, (os.cpu_count() or 2) - 1)),
+            10,
+            40,
+            bench.throughput_compile,
+            bench.device,
+            deadline=time.perf_counter() + budget_s,
+        )
     print(format_result(result), flush=True)
     compiled = f" --compile {bench.throughput_compile}" if bench.throughput_compile and not bench.smoke else ""
-    return {"result": result, "command": f"vitdistill bench throughput --regimes cifar32 --data-cifar32 {bench.data}{compiled}" if not bench.smoke else
-            "vitdistill bench throughput --regimes cifar32 --teacher vitdistill_convnet_tiny --batch-size 8 --steps 2 (tiny student; smoke)"}
+    return {
+        "result": result,
+        "command": f"vitdistill bench throughput --regimes cifar32 --data-cifar32 {bench.data}{compiled}"
+        if not bench.smoke
+        else "vitdistill bench throughput --regimes cifar32 --teacher vitdistill_convnet_tiny --batch-size 8 --steps 2 (tiny student; smoke)",
+    }
 
 
 def stage_teacher(bench: Bench, budget_s: float) -> dict:
@@ -217,7 +234,12 @@ def stage_token_label(bench: Bench, budget_s: float) -> dict:
     shutil.rmtree(maps, ignore_errors=True)
     if bench.smoke:
         recipe = "demo_student_distilled"
-        overrides = [*SMOKE_STUDENT, "model.token_head=true", "augment.cutmix_alpha=0.0", "objective=[{term: token_label, mixtoken: true, smoothing: 0.1}]"]
+        overrides = [
+            *SMOKE_STUDENT,
+            "model.token_head=true",
+            "augment.cutmix_alpha=0.0",
+            "objective=[{term: token_label, mixtoken: true, smoothing: 0.1}]",
+        ]
     else:
         recipe, overrides = "deit_tiny_token_label_cifar10", ["optim.epochs=1000", *bench.compile_overrides()]
     maps_overrides = [*bench.common("unused"), *overrides, f"teacher.checkpoint={bench.teacher_export()}", f"labelmaps.path={maps}"]
@@ -236,12 +258,27 @@ def stage_feature(bench: Bench, budget_s: float) -> dict:
     scale = "digits" if bench.smoke else "cifar10"
     limits = ["data.train_limit=512", "data.eval_limit=128"] if bench.smoke else []
     common = ["optim.epochs=1000", *limits, *bench.compile_overrides()]
-    pretrain = run_training(bench, "fd_pretrain", f"fd_pretrain_{scale}", [*common, f"teacher.checkpoint={bench.teacher_export()}"], 0.4 * budget_s)
-    finetune = run_training(bench, "fd_finetune", f"fd_finetune_{scale}", [*common, f"model.init={bench.output / 'fd_pretrain' / 'model.safetensors'}"],
-                            0.3 * budget_s)
-    baseline = run_training(bench, "fd_baseline", f"fd_finetune_{scale}", [*common, "model.init=null", "optim.layer_decay=null"], 0.3 * budget_s)
-    return {**finetune, "budget_s": budget_s, "baseline_top1_last": baseline["top1_last"], "pretrain": pretrain, "baseline": baseline,
-            "command": f"{pretrain['command']} ; {finetune['command']} ; {baseline['command']}"}
+    pretrain = run_training(
+        bench, "fd_pretrain", f"fd_pretrain_{scale}", [*common, f"teacher.checkpoint={bench.teacher_export()}"], 0.4 * budget_s
+    )
+    finetune = run_training(
+        bench,
+        "fd_finetune",
+        f"fd_finetune_{scale}",
+        [*common, f"model.init={bench.output / 'fd_pretrain' / 'model.safetensors'}"],
+        0.3 * budget_s,
+    )
+    baseline = run_training(
+        bench, "fd_baseline", f"fd_finetune_{scale}", [*common, "model.init=null", "optim.layer_decay=null"], 0.3 * budget_s
+    )
+    return {
+        **finetune,
+        "budget_s": budget_s,
+        "baseline_top1_last": baseline["top1_last"],
+        "pretrain": pretrain,
+        "baseline": baseline,
+        "command": f"{pretrain['command']} ; {finetune['command']} ; {baseline['command']}",
+    }
 
 
 def stage_decode(bench: Bench, budget_s: float) -> dict:
@@ -265,7 +302,9 @@ def stage_decode(bench: Bench, budget_s: float) -> dict:
     for kind in ("raw", "jpeg"):
         cache = bench.output / "cache" / f"records-{kind}"
         shutil.rmtree(cache, ignore_errors=True)
-        cfg = DataConfig(root=str(root), cache_dir=str(cache), source_size=size, records=kind, decoder="cuda" if device.type == "cuda" else "cpu")
+        cfg = DataConfig(
+            root=str(root), cache_dir=str(cache), source_size=size, records=kind, decoder="cuda" if device.type == "cuda" else "cpu"
+        )
         t = time.perf_counter()
         sources[kind] = open_source(cfg, "train")
         built = time.perf_counter() - t
@@ -280,9 +319,12 @@ def stage_decode(bench: Bench, budget_s: float) -> dict:
     result["extrapolated_gb"] = {name: {k: n * result[k]["bytes_per_image"] / 1e9 for k in ("raw", "jpeg")} for name, n in IMAGENET.items()}
     result["wall_time_s"] = time.perf_counter() - began
     result["command"] = "vitdistill bench gpu --stages decode"
-    print(f"decode: JPEG {result['jpeg']['bytes_per_image']:,.0f} B/image ({result['jpeg_over_raw_bytes']:.2f} of raw), "
-          f"decode {result['jpeg']['decode_images_per_s']:,.0f} img/s, train {result['jpeg']['train_images_per_s']:,.0f} vs "
-          f"{result['raw']['train_images_per_s']:,.0f} img/s from raw", flush=True)
+    print(
+        f"decode: JPEG {result['jpeg']['bytes_per_image']:,.0f} B/image ({result['jpeg_over_raw_bytes']:.2f} of raw), "
+        f"decode {result['jpeg']['decode_images_per_s']:,.0f} img/s, train {result['jpeg']['train_images_per_s']:,.0f} vs "
+        f"{result['raw']['train_images_per_s']:,.0f} img/s from raw",
+        flush=True,
+    )
     return result
 
 
@@ -293,10 +335,22 @@ STAGES = (
     Stage("baseline", "DeiT-Ti/4, no teacher (same budget)", 0.25, stage_baseline),
     Stage("store", "DeiT-Ti/4 from a teacher store (short)", 0.09, stage_store, needs=("teacher",)),
     Stage("token_label", "DeiT-Ti/4 with token labeling (short)", 0.09, stage_token_label, needs=("teacher",)),
-    Stage("feature", "ViT-Ti/4 (shared rel. pos. bias): feature distillation, then fine-tuning, vs fine-tuning alone", 0.30, stage_feature,
-          needs=("teacher",), optional=True),
-    Stage("decode", "raw vs JPEG records of photographs: batched nvJPEG decode, DeiT-Ti/16 training at 224 from each", 0.15, stage_decode,
-          max_s=240.0, optional=True),
+    Stage(
+        "feature",
+        "ViT-Ti/4 (shared rel. pos. bias): feature distillation, then fine-tuning, vs fine-tuning alone",
+        0.30,
+        stage_feature,
+        needs=("teacher",),
+        optional=True,
+    ),
+    Stage(
+        "decode",
+        "raw vs JPEG records of photographs: batched nvJPEG decode, DeiT-Ti/16 training at 224 from each",
+        0.15,
+        stage_decode,
+        max_s=240.0,
+        optional=True,
+    ),
 )
 
 
@@ -331,17 +385,37 @@ def count_synchronisations(bench: Bench, steps: int = 5) -> dict:
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         messages = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
-        return {"method": "torch.cuda.set_sync_debug_mode('warn')", "steps": steps, "synchronising_calls": len(messages), "examples": sorted(set(messages))[:5]}
+        return {
+            "method": "torch.cuda.set_sync_debug_mode('warn')",
+            "steps": steps,
+            "synchronising_calls": len(messages),
+            "examples": sorted(set(messages))[:5],
+        }
     with HostDeviceCopies() as mode:
         for _ in range(steps):
             trainer.train_step(next(batches))
     calls = mode.to_device + mode.to_host
-    return {"method": "host<->meta copies (CPU stand-in)", "steps": steps, "synchronising_calls": len(calls), "examples": sorted(set(calls))[:5]}
+    return {
+        "method": "host<->meta copies (CPU stand-in)",
+        "steps": steps,
+        "synchronising_calls": len(calls),
+        "examples": sorted(set(calls))[:5],
+    }
 
 
 # -------------------------------------------------------------------------- the command
-def run_bench_gpu(data: str | None, budget_s: float, output: str | Path = "runs/bench-gpu", json_path: str | Path | None = None, smoke: bool = False,
-                  device: str = "auto", compile: str = "", seed: int = 0, stages: list[str] | None = None, throughput_compile: str = "both") -> dict:
+def run_bench_gpu(
+    data: str | None,
+    budget_s: float,
+    output: str | Path = "runs/bench-gpu",
+    json_path: str | Path | None = None,
+    smoke: bool = False,
+    device: str = "auto",
+    compile: str = "",
+    seed: int = 0,
+    stages: list[str] | None = None,
+    throughput_compile: str = "both",
+) -> dict:
     """Run the stages (see the module docstring) within ``budget_s`` seconds; returns the report."""
     from ..device import describe_machine
     from ..errors import UserError
@@ -354,14 +428,35 @@ def run_bench_gpu(data: str | None, budget_s: float, output: str | Path = "runs/
     if smoke:
         device = "cpu" if device == "auto" else device
         compile = throughput_compile = ""
-    bench = Bench(data, output, budget_s, smoke, device, compile, throughput_compile, seed, json_path=Path(json_path) if json_path else output / "gpu.json")
+    bench = Bench(
+        data,
+        output,
+        budget_s,
+        smoke,
+        device,
+        compile,
+        throughput_compile,
+        seed,
+        json_path=Path(json_path) if json_path else output / "gpu.json",
+    )
     previous = json.loads(bench.json_path.read_text()) if bench.json_path.is_file() else {}
     same_plan = previous.get("format") == REPORT_FORMAT and previous.get("smoke") == smoke and previous.get("data") == data
     bench.report = previous if same_plan else {}
     machine = describe_machine(device)
-    print(f"vitdistill bench gpu: {machine['device']}, torch {machine['torch']}, timm {machine['timm']}, CUDA {machine['cuda']}; "
-          f"budget {budget_s:.0f}s{' (smoke: toy scale on the CPU)' if smoke else ''}", flush=True)
-    bench.report.update(format=REPORT_FORMAT, machine=machine, budget_s=budget_s, smoke=smoke, data=data, compile=compile, throughput_compile=throughput_compile)
+    print(
+        f"vitdistill bench gpu: {machine['device']}, torch {machine['torch']}, timm {machine['timm']}, CUDA {machine['cuda']}; "
+        f"budget {budget_s:.0f}s{' (smoke: toy scale on the CPU)' if smoke else ''}",
+        flush=True,
+    )
+    bench.report.update(
+        format=REPORT_FORMAT,
+        machine=machine,
+        budget_s=budget_s,
+        smoke=smoke,
+        data=data,
+        compile=compile,
+        throughput_compile=throughput_compile,
+    )
     bench.report.setdefault("stages", {})
     bench.save()
     chosen = [s for s in STAGES if (stages is None and not s.optional) or (stages is not None and s.name in stages)]
@@ -419,15 +514,21 @@ def markdown_table(report: dict) -> str:
         if name == "throughput":
             t = r["result"]
             rates = ", ".join(f"{k.split('_')[0]} {v:,.0f}" for k, v in t.items() if k.endswith("_img_s") and v is not None)
-            ratios = f"(c)/(a) {t['c_over_a']:.2f}, (c)/(d) {t['c_over_d_teacher']:.2f}" if t.get("c_over_a") and t.get("c_over_d_teacher") else ""
+            ratios = (
+                f"(c)/(a) {t['c_over_a']:.2f}, (c)/(d) {t['c_over_d_teacher']:.2f}"
+                if t.get("c_over_a") and t.get("c_over_d_teacher")
+                else ""
+            )
             errors = f"; errors: {t['errors']}" if t.get("errors") else ""
             lines.append(f"| {name}: {r['title']} | {r['wall_s']:.0f} s | {r['budget_s']:.0f} s | {rates} | | {ratios}{errors} |")
             continue
         if name == "decode":
             raw, jpg = r["raw"], r["jpeg"]
-            lines.append(f"| {name}: {r['title']} | {r['wall_s']:.0f} s | {r['budget_s']:.0f} s | JPEG {jpg['train_images_per_s']:,.0f}, "
-                         f"raw {raw['train_images_per_s']:,.0f} | | JPEG {jpg['bytes_per_image']:,.0f} B/image ({r['jpeg_over_raw_bytes']:.2f} of raw), "
-                         f"decode {jpg['decode_images_per_s']:,.0f} img/s ({jpg['decoder']['library']}) |")
+            lines.append(
+                f"| {name}: {r['title']} | {r['wall_s']:.0f} s | {r['budget_s']:.0f} s | JPEG {jpg['train_images_per_s']:,.0f}, "
+                f"raw {raw['train_images_per_s']:,.0f} | | JPEG {jpg['bytes_per_image']:,.0f} B/image ({r['jpeg_over_raw_bytes']:.2f} of raw), "
+                f"decode {jpg['decode_images_per_s']:,.0f} img/s ({jpg['decoder']['library']}) |"
+            )
             continue
         top1 = f"{r['top1_last']:.2f}" if r.get("top1_last") is not None else ""
         heads = f" (cls {r['top1_cls_last']:.2f}, dist {r['top1_dist_last']:.2f})" if r.get("top1_dist_last") is not None else ""
@@ -438,10 +539,15 @@ def markdown_table(report: dict) -> str:
             notes.append(f"cut short: {r['steps_done']:,} of {r['steps_planned']:,} steps")
         if r.get("short"):
             notes.append("short run")
-        lines.append(f"| {name}: {r['title']} | {r['wall_s']:.0f} s | {r['budget_s']:.0f} s | {r['train_img_per_s']:,.0f} | {top1}{heads} | {', '.join(notes)} |")
+        lines.append(
+            f"| {name}: {r['title']} | {r['wall_s']:.0f} s | {r['budget_s']:.0f} s | {r['train_img_per_s']:,.0f} | {top1}{heads} | {', '.join(notes)} |"
+        )
     sync = report.get("sync_check")
     if sync:
-        lines += ["", f"Synchronising calls in {sync.get('steps', '?')} training steps ({sync.get('method', sync.get('error'))}): {sync.get('synchronising_calls', 'n/a')}"]
+        lines += [
+            "",
+            f"Synchronising calls in {sync.get('steps', '?')} training steps ({sync.get('method', sync.get('error'))}): {sync.get('synchronising_calls', 'n/a')}",
+        ]
     lines += ["", "Commands:", ""]
     for name, r in report["stages"].items():
         for key in ("cache_command", "labelmaps_command", "command"):

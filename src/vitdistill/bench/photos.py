@@ -69,8 +69,15 @@ def batched_decode_rate(records, device: torch.device, batch: int = 256, count: 
     return count / (time.perf_counter() - began)
 
 
-def train_rate(source, device: torch.device, steps: int, batch: int, model_name: str = "deit_tiny_patch16_224", workers: int = 4,
-               placement: str = "auto") -> float:
+def train_rate(
+    source,
+    device: torch.device,
+    steps: int,
+    batch: int,
+    model_name: str = "deit_tiny_patch16_224",
+    workers: int = 4,
+    placement: str = "auto",
+) -> float:
     """Training img/s of ``model_name`` at 224 (AdamW, mixup + cutmix views made on ``device``
     from ``source``'s records), after one warm-up step. ``placement: host`` reads raw records the
     way ImageNet-sized ones are read (memory-mapped, gathered ahead by threads)."""

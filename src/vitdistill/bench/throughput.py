@@ -72,8 +72,16 @@ REGIMES = {
 }
 
 
-def make_config(regime: Regime, data_root: str, cache: str, teacher_file: Path | None, batch_size: int, compile_model: str, device: str,
-                store: dict | None = None) -> RunConfig:
+def make_config(
+    regime: Regime,
+    data_root: str,
+    cache: str,
+    teacher_file: Path | None,
+    batch_size: int,
+    compile_model: str,
+    device: str,
+    store: dict | None = None,
+) -> RunConfig:
     """The benchmark's run; ``compile_model`` is "model", "augment", "both" or ""."""
     from ..validate import config_from_dict  # late, as the runner below: it imports the objective and the engine
 
@@ -197,10 +205,17 @@ def measure_cpu_loader(trainer, split_dir: Path, regime: Regime, workers: int, w
                 n = labels.shape[0]
                 # Same objective cost as the other variants (timm's soft targets are not used).
                 yield ViewBatch(
-                    images=images, labels=labels, index=torch.arange(n, device=device), epoch=0,
-                    boxes=torch.zeros(n, 4, device=device), flips=torch.zeros(n, dtype=torch.bool, device=device),
-                    partner=torch.arange(n, device=device), partner_labels=labels, partner_boxes=torch.zeros(n, 4, device=device),
-                    partner_flips=torch.zeros(n, dtype=torch.bool, device=device), lam=torch.ones(n, device=device),
+                    images=images,
+                    labels=labels,
+                    index=torch.arange(n, device=device),
+                    epoch=0,
+                    boxes=torch.zeros(n, 4, device=device),
+                    flips=torch.zeros(n, dtype=torch.bool, device=device),
+                    partner=torch.arange(n, device=device),
+                    partner_labels=labels,
+                    partner_boxes=torch.zeros(n, 4, device=device),
+                    partner_flips=torch.zeros(n, dtype=torch.bool, device=device),
+                    lam=torch.ones(n, device=device),
                     mix_boxes=torch.zeros(n, 4, device=device),
                 )
 
@@ -211,9 +226,21 @@ def measure_cpu_loader(trainer, split_dir: Path, regime: Regime, workers: int, w
     return timed(step, batches(), warmup, steps, device)
 
 
-def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: int | None, workers: int, warmup: int, steps: int,
-               compile_model: str, device: str, student: str | None = None, teacher: str | None = None, synthetic_images: int = 2000,
-               deadline: float | None = None) -> dict:
+def run_regime(
+    regime: Regime,
+    data_root: str | None,
+    cache: Path,
+    batch_size: int | None,
+    workers: int,
+    warmup: int,
+    steps: int,
+    compile_model: str,
+    device: str,
+    student: str | None = None,
+    teacher: str | None = None,
+    synthetic_images: int = 2000,
+    deadline: float | None = None,
+) -> dict:
     """Every variant of one regime; a variant that fails reports its error, and variants that
     would start after ``deadline`` (``time.perf_counter()``) are skipped."""
     from ..data.imagefolder import resolve_split_dir, unpack_archive
@@ -230,8 +257,18 @@ def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: i
     env = DistEnv(rank=0, world=1, device=resolve_device(device))
     root = Path(data_root)
     split_dir = resolve_split_dir(unpack_archive(root, cache) if root.is_file() else root, "train")
-    results: dict = {"regime": regime.name, "batch_size": batch_size, "input_size": regime.input_size, "student": regime.student["name"],
-                     "teacher": regime.teacher, "compile": compile_model, "loader_workers": workers, "steps": steps, "errors": {}, "tracebacks": {}}
+    results: dict = {
+        "regime": regime.name,
+        "batch_size": batch_size,
+        "input_size": regime.input_size,
+        "student": regime.student["name"],
+        "teacher": regime.teacher,
+        "compile": compile_model,
+        "loader_workers": workers,
+        "steps": steps,
+        "errors": {},
+        "tracebacks": {},
+    }
 
     def guarded(key: str, measure) -> None:
         """One variant: its images/s, or its error (one failing variant never loses the others)."""
@@ -255,11 +292,16 @@ def run_regime(regime: Regime, data_root: str | None, cache: Path, batch_size: i
     guarded("d_loader_img_s", lambda: measure_cpu_loader(plain, split_dir, regime, workers, warmup, steps))
     teacher_file = random_teacher(regime, plain.train_views.source.num_classes, cache)
     plain = None  # free it before the next trainer
-    taught = build_trainer(make_config(regime, data_root, str(cache), teacher_file, batch_size, compile_model, device), env, cache / "unused")
+    taught = build_trainer(
+        make_config(regime, data_root, str(cache), teacher_file, batch_size, compile_model, device), env, cache / "unused"
+    )
     guarded("c_pipeline_teacher_img_s", lambda: measure_vitdistill(taught, warmup, steps))
     guarded("d_loader_teacher_img_s", lambda: measure_cpu_loader(taught, split_dir, regime, workers, warmup, steps))
     taught = None
-    guarded("e_pipeline_store_img_s", lambda: measure_store(regime, data_root, cache, teacher_file, batch_size, compile_model, device, env, warmup, steps))
+    guarded(
+        "e_pipeline_store_img_s",
+        lambda: measure_store(regime, data_root, cache, teacher_file, batch_size, compile_model, device, env, warmup, steps),
+    )
     results["c_over_a"] = ratio(results["c_pipeline_teacher_img_s"], results["a_bare_img_s"])
     results["c_over_d_teacher"] = ratio(results["c_pipeline_teacher_img_s"], results["d_loader_teacher_img_s"])
     results["b_over_e"] = ratio(results["b_pipeline_img_s"], results["e_pipeline_store_img_s"])  # epoch-time ratio store / no teacher
@@ -270,8 +312,18 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def measure_store(regime: Regime, data_root: str, cache: Path, teacher_file: Path, batch_size: int, compile_model: str, device: str,
-                  env: DistEnv, warmup: int, steps: int) -> float:
+def measure_store(
+    regime: Regime,
+    data_root: str,
+    cache: Path,
+    teacher_file: Path,
+    batch_size: int,
+    compile_model: str,
+    device: str,
+    env: DistEnv,
+    warmup: int,
+    steps: int,
+) -> float:
     """Write a k=10 store of the views the measurement will use, then time training from it."""
     from ..runner import build_trainer
     from ..store import write_store
@@ -288,8 +340,19 @@ def measure_store(regime: Regime, data_root: str, cache: Path, teacher_file: Pat
     return measure_vitdistill(build_trainer(cfg, env, cache / "unused"), warmup, steps)
 
 
-def run(regimes: list[str], data: dict[str, str | None], cache: Path, batch_size: int | None, workers: int, warmup: int, steps: int,
-        compile_model: str, device: str, json_path: str | None = None, **model_overrides) -> dict:
+def run(
+    regimes: list[str],
+    data: dict[str, str | None],
+    cache: Path,
+    batch_size: int | None,
+    workers: int,
+    warmup: int,
+    steps: int,
+    compile_model: str,
+    device: str,
+    json_path: str | None = None,
+    **model_overrides,
+) -> dict:
     report = {"machine": describe_machine(device), "results": []}
     for name in regimes:
         regime = REGIMES[name]
@@ -302,13 +365,17 @@ def run(regimes: list[str], data: dict[str, str | None], cache: Path, batch_size
 
 
 def format_result(r: dict) -> str:
-    lines = [f"{r['regime']}: {r['student']} @ {r['input_size']}, teacher {r['teacher']}, batch {r['batch_size']}, compile {r['compile'] or 'off'}"]
+    lines = [
+        f"{r['regime']}: {r['student']} @ {r['input_size']}, teacher {r['teacher']}, batch {r['batch_size']}, compile {r['compile'] or 'off'}"
+    ]
     for key, label in VARIANTS:
         value = r.get(key)
         shown = f"{value:12,.0f} img/s" if value is not None else f"failed: {r.get('errors', {}).get(key, 'not run')}"
         lines.append(f"  {label:36s} {shown}")
     num = lambda v: f"{v:.2f}" if v is not None else "n/a"  # noqa: E731
-    lines.append(f"  (c)/(a) = {num(r['c_over_a'])}   (c)/(d with teacher) = {num(r['c_over_d_teacher'])}   epoch time store/no teacher = {num(r['b_over_e'])}")
+    lines.append(
+        f"  (c)/(a) = {num(r['c_over_a'])}   (c)/(d with teacher) = {num(r['c_over_d_teacher'])}   epoch time store/no teacher = {num(r['b_over_e'])}"
+    )
     return "\n".join(lines)
 
 

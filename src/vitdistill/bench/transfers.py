@@ -27,12 +27,17 @@ class HostDeviceCopies(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        on_device = lambda t: t.device.type != "cpu"
+
+        def on_device(t):
+            return t.device.type != "cpu"
+
         if any(t.device.type == "cpu" and t.dim() > 0 for t in inputs) and any(on_device(t) for t in outputs):
             self.to_device.append(str(func))
             non_blocking = (kwargs or {}).get("non_blocking", args[2] if func is torch.ops.aten.copy_.default and len(args) > 2 else False)
             if not non_blocking:
                 self.blocking_to_device.append(str(func))
-        if any(on_device(t) for t in inputs) and (func is torch.ops.aten._local_scalar_dense.default or any(t.device.type == "cpu" for t in outputs)):
+        if any(on_device(t) for t in inputs) and (
+            func is torch.ops.aten._local_scalar_dense.default or any(t.device.type == "cpu" for t in outputs)
+        ):
             self.to_host.append(str(func))
         return out

@@ -8,9 +8,9 @@ ranges). Loading a recipe for a run also checks it against the registries above 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
 
 import yaml
 

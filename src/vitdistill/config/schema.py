@@ -40,7 +40,9 @@ class DataConfig:
     """Where images come from. See :mod:`vitdistill.data.source`."""
 
     source: Literal["imagefolder", "cifar10", "cifar100", "digits", "hf"] = "imagefolder"
-    root: str | None = None  # folder, or a .tar/.tar.gz/.zip of one (unpacked once into cache_dir); hf: a saved DatasetDict or parquet folder
+    root: str | None = (
+        None  # folder, or a .tar/.tar.gz/.zip of one (unpacked once into cache_dir); hf: a saved DatasetDict or parquet folder
+    )
     # hf: the columns of images (an Image feature) and labels (ClassLabel names become the classes);
     # None means "image" / "label" (None, not the names, so that earlier runs still resume)
     image_column: str | None = None
@@ -76,7 +78,11 @@ class DataConfig:
         if self.source == "imagefolder":
             _check(self.root is not None, _join(key, "root"), "imagefolder needs a root folder or archive")
         if self.source == "hf":
-            _check(self.root is not None, _join(key, "root"), "hf needs a root: a dataset saved with save_to_disk, or a folder of parquet files")
+            _check(
+                self.root is not None,
+                _join(key, "root"),
+                "hf needs a root: a dataset saved with save_to_disk, or a folder of parquet files",
+            )
 
 
 @dataclass
@@ -116,7 +122,11 @@ class AugmentConfig:
         if self.crop != "rrc":
             for name in ("scale", "ratio"):
                 if getattr(self, name) != getattr(defaults, name):
-                    warnings.warn(f"{_join(key, name)} has no effect with {_join(key, 'crop')}={self.crop} (it applies to crop: rrc)", RecipeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"{_join(key, name)} has no effect with {_join(key, 'crop')}={self.crop} (it applies to crop: rrc)",
+                        RecipeWarning,
+                        stacklevel=2,
+                    )
 
 
 @dataclass
@@ -258,7 +268,11 @@ class EngineConfig:
     checkpoint_every: int | str | None = None
 
     def validate(self, key: str) -> None:
-        _check(DEVICE_PATTERN.fullmatch(self.device) is not None, _join(key, "device"), f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(
+            DEVICE_PATTERN.fullmatch(self.device) is not None,
+            _join(key, "device"),
+            f"expected auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
         _check(self.eval_every >= 1, _join(key, "eval_every"), "must be >= 1")
         _check(self.max_skipped_steps >= 0, _join(key, "max_skipped_steps"), "must be >= 0")
         every = self.checkpoint_every

@@ -28,7 +28,9 @@ def epoch_order(n: int, rng: CounterRNG, epoch: int, repeats: int = 1) -> torch.
     return (chosen[:, None] + n * torch.arange(repeats)[None, :]).reshape(-1)[:n]
 
 
-def train_batches(n: int, batch_size: int, rng: CounterRNG, epoch: int, rank: int = 0, world: int = 1, repeats: int = 1) -> list[torch.Tensor]:
+def train_batches(
+    n: int, batch_size: int, rng: CounterRNG, epoch: int, rank: int = 0, world: int = 1, repeats: int = 1
+) -> list[torch.Tensor]:
     """This process's view keys (indices without repeats) for every step of ``epoch`` (global
     ``batch_size``)."""
     if batch_size % world:

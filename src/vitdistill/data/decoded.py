@@ -192,8 +192,7 @@ def display_name(name) -> str:
 
 def disk_full(path: Path, needed: int | None = None) -> UserError:
     size = f" ({needed / 2**20:,.1f} MiB needed for the decoded images)" if needed else ""
-    return UserError(f"data: the disk holding {path.parent} is full{size}; "
-                     "free some space or set data.cache_dir to a disk with room")
+    return UserError(f"data: the disk holding {path.parent} is full{size}; free some space or set data.cache_dir to a disk with room")
 
 
 def allocate(path: Path, shape: tuple[int, ...]) -> np.ndarray:
@@ -227,8 +226,14 @@ def sizes_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".npy") + ".sizes.npy")
 
 
-def decode_files(paths: Sequence[str | bytes], shape: RecordShape | int | None, out: Path, desc: str, on_corrupt: str = "error",
-                 names: Sequence[str] | None = None) -> list[int]:
+def decode_files(
+    paths: Sequence[str | bytes],
+    shape: RecordShape | int | None,
+    out: Path,
+    desc: str,
+    on_corrupt: str = "error",
+    names: Sequence[str] | None = None,
+) -> list[int]:
     """Decode all ``paths`` (file paths or encoded images; any sequence that slices, read
     :data:`DECODE_CHUNK` at a time) into one ``[N, H, W, 3]`` array saved (atomically) at ``out``,
     as :class:`RecordShape` describes; with a record shape the true sizes are saved beside it.
@@ -262,12 +267,16 @@ def decode_files(paths: Sequence[str | bytes], shape: RecordShape | int | None, 
                 if error is not None and error.startswith(UNREADABLE):
                     # not the file's fault (permissions, I/O): never recorded as corrupt in the cache,
                     # so the file is used again once it can be read
-                    raise UserError(f"data: cannot read {display_name(names[i])} ({error.removeprefix(UNREADABLE + ': ')}); "
-                                    "fix its permissions or the disk and run again (unreadable files are not skipped)")
+                    raise UserError(
+                        f"data: cannot read {display_name(names[i])} ({error.removeprefix(UNREADABLE + ': ')}); "
+                        "fix its permissions or the disk and run again (unreadable files are not skipped)"
+                    )
                 if error is not None:
                     if on_corrupt == "error":
-                        raise UserError(f"data: cannot decode {display_name(names[i])} ({error}); "
-                                        "replace or delete it, or set data.on_corrupt=skip to leave it out")
+                        raise UserError(
+                            f"data: cannot decode {display_name(names[i])} ({error}); "
+                            "replace or delete it, or set data.on_corrupt=skip to leave it out"
+                        )
                     bad.append(i)
                     continue
                 if array is None:
@@ -344,7 +353,9 @@ def check_skipped(corrupt: list[str], on_corrupt: str) -> None:
     """A cached result with left-out images does not hide them from a run that wants all."""
     if corrupt and on_corrupt == "error":
         more = f" and {len(corrupt) - 1:,} more" if len(corrupt) > 1 else ""
-        raise UserError(f"data: cannot decode {display_name(corrupt[0])}{more}; replace or delete them, or set data.on_corrupt=skip to leave them out")
+        raise UserError(
+            f"data: cannot decode {display_name(corrupt[0])}{more}; replace or delete them, or set data.on_corrupt=skip to leave them out"
+        )
 
 
 def ram_budget() -> int:

@@ -65,7 +65,9 @@ def load_split(root: Path, split: str, cache: Path):
     if (root / "dataset_dict.json").is_file():
         splits = datasets.load_from_disk(str(root))
         if split not in splits:
-            raise UserError(f"data: the dataset at {root} has splits {sorted(splits)}, not {split!r} (set data.train_split / data.eval_split)")
+            raise UserError(
+                f"data: the dataset at {root} has splits {sorted(splits)}, not {split!r} (set data.train_split / data.eval_split)"
+            )
         return splits[split]
     if (root / "state.json").is_file():
         raise UserError(

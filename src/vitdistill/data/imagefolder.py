@@ -167,7 +167,9 @@ def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSou
     key = hash_items([listing, files_signature(split_dir, files), repr(shape), f"decoder {DECODER_VERSION}", str(split_dir.resolve())])[:20]
     array_path = cache / "decoded" / f"{split_dir.parent.name}-{split}-{len(files)}-{key}.npy"
     paths = [str(split_dir / f) for f in files]
-    images, memory_mapped, sizes, corrupt, contents = open_records(cfg, paths, shape, array_path, f"decoding {split_dir.parent.name}/{split}")
+    images, memory_mapped, sizes, corrupt, contents = open_records(
+        cfg, paths, shape, array_path, f"decoding {split_dir.parent.name}/{split}"
+    )
     if corrupt:
         left_out = set(corrupt)
         kept = [i for i, p in enumerate(paths) if p not in left_out]
@@ -187,4 +189,3 @@ def open_imagefolder(cfg: DataConfig, split: str, limit: int | None) -> ImageSou
         contents=contents,
         names=files,
     )
-

@@ -96,8 +96,15 @@ def partial_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in partial.glob("*.jpgs")) if partial.is_dir() else 0
 
 
-def build_jpeg_records(paths: Sequence[str | bytes], shape: RecordShape, folder: Path, desc: str, on_corrupt: str = "error",
-                       names: Sequence[str] | None = None, quality: int = DEFAULT_QUALITY) -> list[int]:
+def build_jpeg_records(
+    paths: Sequence[str | bytes],
+    shape: RecordShape,
+    folder: Path,
+    desc: str,
+    on_corrupt: str = "error",
+    names: Sequence[str] | None = None,
+    quality: int = DEFAULT_QUALITY,
+) -> list[int]:
     """Encode ``paths`` (files or encoded images; any sequence that slices) into JPEG records at
     ``folder``, ``CHUNK`` images per shard, in parallel worker processes, resuming the finished
     shards of an interrupted build. Corrupt images are an error naming them or left out (their
@@ -123,8 +130,10 @@ def build_jpeg_records(paths: Sequence[str | bytes], shape: RecordShape, folder:
                 for j, (data, true, error, digest) in enumerate(pool.map(_encode, jobs, chunksize=chunksize)):
                     if error is not None:
                         if on_corrupt == "error":
-                            raise UserError(f"data: cannot decode {names[first + j]} ({error}); "
-                                            "replace or delete it, or set data.on_corrupt=skip to leave it out")
+                            raise UserError(
+                                f"data: cannot decode {names[first + j]} ({error}); "
+                                "replace or delete it, or set data.on_corrupt=skip to leave it out"
+                            )
                         table[j] = (0, -1, 0, 0, 0, 0)
                         continue
                     out.write(data)
@@ -153,8 +162,10 @@ def _finish(partial: Path, folder: Path, chunks: int, shape: RecordShape, qualit
         odd = np.flatnonzero((sizes[:, 0] != first[0]) | (sizes[:, 1] != first[1]))
         if odd.size:
             name = names[np.flatnonzero(kept)[odd[0]]]
-            raise UserError(f"data: images have different sizes ({name} is {sizes[odd[0], 1]}x{sizes[odd[0], 0]}, "
-                            f"the first is {first[1]}x{first[0]}); set data.source_size to decode them with their short side at that size")
+            raise UserError(
+                f"data: images have different sizes ({name} is {sizes[odd[0], 1]}x{sizes[odd[0], 0]}, "
+                f"the first is {first[1]}x{first[0]}); set data.source_size to decode them with their short side at that size"
+            )
         record = [int(first[0]), int(first[1])]
     else:
         record = list(shape.record)
@@ -166,8 +177,14 @@ def _finish(partial: Path, folder: Path, chunks: int, shape: RecordShape, qualit
         _shard_index(partial, c).unlink()
     for stray in partial.glob("*.tmp*"):  # a temporary left by a killed build
         stray.unlink()
-    meta = {"format": FORMAT, "record": record, "quality": quality, "count": int(kept.sum()), "shards": chunks,
-            "variable_size": shape.size is not None}
+    meta = {
+        "format": FORMAT,
+        "record": record,
+        "quality": quality,
+        "count": int(kept.sum()),
+        "shards": chunks,
+        "variable_size": shape.size is not None,
+    }
     write_text_atomic(partial / "records.json", json.dumps(meta, indent=1))
     try:
         os.replace(partial, folder)
@@ -200,7 +217,11 @@ def pillow_decoder() -> dict:
 def nvjpeg_decoder() -> dict:
     import torchvision
 
-    return {"library": "torchvision.io.decode_jpeg (nvJPEG)", "version": f"{torchvision.__version__} (CUDA {torch.version.cuda})", "device": "cuda"}
+    return {
+        "library": "torchvision.io.decode_jpeg (nvJPEG)",
+        "version": f"{torchvision.__version__} (CUDA {torch.version.cuda})",
+        "device": "cuda",
+    }
 
 
 def decode_jpeg_batch(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

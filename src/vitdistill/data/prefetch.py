@@ -31,7 +31,9 @@ def gather(images: torch.Tensor, index: torch.Tensor, pin: bool) -> torch.Tensor
     return torch.index_select(images, 0, index, out=out)
 
 
-def prefetch(images: torch.Tensor, indices: Iterable[torch.Tensor], device: torch.device, workers: int, depth: int = 3) -> Iterator[torch.Tensor]:
+def prefetch(
+    images: torch.Tensor, indices: Iterable[torch.Tensor], device: torch.device, workers: int, depth: int = 3
+) -> Iterator[torch.Tensor]:
     """Yield ``images[i].to(device)`` for each ``i`` in ``indices``, gathered ``depth`` steps ahead."""
     pin = device.type == "cuda"
     if workers <= 0:

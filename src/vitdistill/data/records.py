@@ -41,7 +41,9 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def check_disk(needed: float, folder: Path, what: str, shrink: str, key: str = "data", elsewhere: str = "point data.cache_dir at a larger disk") -> None:
+def check_disk(
+    needed: float, folder: Path, what: str, shrink: str, key: str = "data", elsewhere: str = "point data.cache_dir at a larger disk"
+) -> None:
     """Stop with one line (``key: what need ... free; shrink, or elsewhere``) when ``needed``
     bytes do not fit on the disk of ``folder``."""
     free = free_bytes(folder)
@@ -62,8 +64,9 @@ def raw_bytes(paths: Sequence, shape: RecordShape) -> int:
     return len(paths) * rows * cols * 3
 
 
-def open_records(cfg: DataConfig, paths: Sequence, shape: RecordShape, array_path: Path, desc: str,
-                 names: Sequence[str] | None = None) -> tuple[torch.Tensor | jpeg.JpegRecords, bool, torch.Tensor | None, list[str], np.ndarray | None]:
+def open_records(
+    cfg: DataConfig, paths: Sequence, shape: RecordShape, array_path: Path, desc: str, names: Sequence[str] | None = None
+) -> tuple[torch.Tensor | jpeg.JpegRecords, bool, torch.Tensor | None, list[str], np.ndarray | None]:
     """The split's records, made once (raw ``array_path``, or JPEG records beside it) as
     ``data.records`` says: ``(images, memory_mapped, sizes, left-out image names, contents)``
     (contents: each kept image's digest, see ``decoded.record_digest``; None for an older cache)."""
@@ -73,7 +76,9 @@ def open_records(cfg: DataConfig, paths: Sequence, shape: RecordShape, array_pat
         kind = "raw" if array_path.is_file() else "jpeg" if folder.is_dir() else _choose(paths, shape, cfg, array_path)
     if kind == "raw":
         if not array_path.is_file():
-            shrink = "set data.records=jpeg (about a fifth of the size on photographs)" + (" or lower data.source_size" if shape.size else "")
+            shrink = "set data.records=jpeg (about a fifth of the size on photographs)" + (
+                " or lower data.source_size" if shape.size else ""
+            )
             check_disk(raw_bytes(paths, shape), array_path.parent, "the decoded (raw) records", shrink)
             decoded.decode_files(paths, shape, array_path, desc, cfg.on_corrupt, names)
         corrupt = decoded.read_skipped(array_path)
@@ -106,6 +111,9 @@ def _choose(paths: Sequence, shape: RecordShape, cfg: DataConfig, array_path: Pa
         print(f"vitdistill: data.records=auto: raw records for {len(paths):,} images ({_gb(raw)})", flush=True)
         return "raw"
     estimate = jpeg.encode_sample(paths, shape, cfg.jpeg_quality) * len(paths)
-    print(f"vitdistill: data.records=auto: JPEG records (quality {cfg.jpeg_quality}) for {len(paths):,} images "
-          f"(about {_gb(estimate)}; raw records would take {_gb(raw)})", flush=True)
+    print(
+        f"vitdistill: data.records=auto: JPEG records (quality {cfg.jpeg_quality}) for {len(paths):,} images "
+        f"(about {_gb(estimate)}; raw records would take {_gb(raw)})",
+        flush=True,
+    )
     return "jpeg"

@@ -173,8 +173,17 @@ class Budget:
     every process plans the same schedule (the measurements' maximum over processes).
     """
 
-    def __init__(self, budget: str, clock_start: float, env: DistEnv, sync: Callable[[], None], steps_per_epoch: int, eval_every: int,
-                 max_steps: int, probe: Callable[[int], tuple[float, float]]):
+    def __init__(
+        self,
+        budget: str,
+        clock_start: float,
+        env: DistEnv,
+        sync: Callable[[], None],
+        steps_per_epoch: int,
+        eval_every: int,
+        max_steps: int,
+        probe: Callable[[int], tuple[float, float]],
+    ):
         self.clock = BudgetClock(parse_duration(budget), clock_start, sync)
         self.env = env
         self.steps_per_epoch, self.eval_every, self.max_steps = steps_per_epoch, eval_every, max_steps
@@ -253,8 +262,9 @@ class Budget:
         return plan
 
     # ---------------------------------------------------------------- planning
-    def make_plan(self, steps_done: int, step_s: float, eval_s: float | None = None, checkpoint_s: float | None = None,
-                  announce: bool = True) -> BudgetPlan:
+    def make_plan(
+        self, steps_done: int, step_s: float, eval_s: float | None = None, checkpoint_s: float | None = None, announce: bool = True
+    ) -> BudgetPlan:
         """Fix the schedule's length from the measured step time and the cost of an evaluation
         and a checkpoint (measured now when not given)."""
         if eval_s is None or checkpoint_s is None:
@@ -264,8 +274,18 @@ class Budget:
             torch.distributed.all_reduce(measured, op=torch.distributed.ReduceOp.MAX)
         step_s, eval_s, checkpoint_s, elapsed = measured.tolist()
         budget_s = self.clock.budget_s
-        self.plan = plan_steps(budget_s, elapsed, steps_done, step_s, eval_s, checkpoint_s, self.steps_per_epoch, self.eval_every,
-                               self.max_steps, reserve_s=EXPORT_RESERVE_S + PLAN_MARGIN * budget_s)
+        self.plan = plan_steps(
+            budget_s,
+            elapsed,
+            steps_done,
+            step_s,
+            eval_s,
+            checkpoint_s,
+            self.steps_per_epoch,
+            self.eval_every,
+            self.max_steps,
+            reserve_s=EXPORT_RESERVE_S + PLAN_MARGIN * budget_s,
+        )
         if announce and self.env.is_main:
             self.announce(self.plan)
         return self.plan

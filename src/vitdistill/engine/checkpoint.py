@@ -29,14 +29,18 @@ def save_atomic(obj: dict, path: Path) -> None:
             torch.save(obj, f)
     except OSError as err:
         full = err.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise UserError(f"cannot write {path} ({'the disk is full' if full else short_reason(err)}); "
-                        f"{'free some space' if full else 'check the output folder'} and continue with --resume "
-                        "(the previous checkpoint is kept)") from None
+        raise UserError(
+            f"cannot write {path} ({'the disk is full' if full else short_reason(err)}); "
+            f"{'free some space' if full else 'check the output folder'} and continue with --resume "
+            "(the previous checkpoint is kept)"
+        ) from None
     except RuntimeError as err:
         if not any(text in str(err) for text in TORCH_SHORT_WRITE):
             raise
-        raise UserError(f"cannot write {path} (the disk is full or failing: {short_reason(err)}); free some space and continue "
-                        "with --resume (the previous checkpoint is kept)") from None
+        raise UserError(
+            f"cannot write {path} (the disk is full or failing: {short_reason(err)}); free some space and continue "
+            "with --resume (the previous checkpoint is kept)"
+        ) from None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -46,7 +50,9 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, AttributeError) as err:
-        raise UserError(f"{path} cannot be read: the file is damaged or truncated ({short_reason(err)}); restore a copy or start the run again") from None
+        raise UserError(
+            f"{path} cannot be read: the file is damaged or truncated ({short_reason(err)}); restore a copy or start the run again"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a vitdistill checkpoint")
     return state

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from ..figures import integer_x, pyplot, save
 
-NOT_LOSSES = ("train_time_s", "train_img_per_s", "train_steps", "train_skipped_steps")  # train_ columns that are not losses (time, speed, counts)
+NOT_LOSSES = (
+    "train_time_s",
+    "train_img_per_s",
+    "train_steps",
+    "train_skipped_steps",
+)  # train_ columns that are not losses (time, speed, counts)
 TOP1 = re.compile(r"^(eval|ema)_top1(_\w+)?$")
 
 

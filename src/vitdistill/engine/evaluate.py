@@ -14,7 +14,9 @@ from .metrics import topk_correct
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, views: Augmenter, batch_size: int, env: DistEnv, precision: str = "auto", show_progress: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, views: Augmenter, batch_size: int, env: DistEnv, precision: str = "auto", show_progress: bool = False
+) -> dict[str, float]:
     """Accuracy (%) per head and the cross-entropy of the inference head.
 
     ``top1``/``top5`` are the inference head's (``ModelOutput.inference``): the mean of the two

@@ -14,7 +14,7 @@ Two policies (``engine.nan_policy``):
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist

@@ -44,8 +44,12 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional: say that nothing goes to tb/
-                warnings.warn("engine.tensorboard=true but tensorboard is not installed: no tb/ events are written "
-                              "(pip install 'vitdistill[tensorboard]'); metrics.csv has every value", RecipeWarning, stacklevel=2)
+                warnings.warn(
+                    "engine.tensorboard=true but tensorboard is not installed: no tb/ events are written "
+                    "(pip install 'vitdistill[tensorboard]'); metrics.csv has every value",
+                    RecipeWarning,
+                    stacklevel=2,
+                )
             else:
                 self.writer = SummaryWriter(str(output / "tb"), purge_step=start_epoch + 1)
 

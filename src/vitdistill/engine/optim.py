@@ -20,7 +20,9 @@ def check_optimizer(cfg) -> None:
         return
     name = cfg.optim.opt.lower()
     if name.removeprefix("lookahead_") not in list_optimizers():
-        raise ConfigError("optim.opt", f"unknown optimizer {cfg.optim.opt!r} (e.g. adamw, sgd, lamb, lion; all: timm.optim.list_optimizers())")
+        raise ConfigError(
+            "optim.opt", f"unknown optimizer {cfg.optim.opt!r} (e.g. adamw, sgd, lamb, lion; all: timm.optim.list_optimizers())"
+        )
 
 
 def scaled_lr(cfg: OptimConfig) -> float:
@@ -42,7 +44,9 @@ def param_groups(backbone: nn.Module, extra: list[nn.Parameter], cfg: OptimConfi
     if cfg.layer_decay is not None:
         if not hasattr(backbone, "group_matcher"):
             raise UserError(f"optim.layer_decay: {type(backbone).__name__} does not define its layers (no group_matcher)")
-        groups = param_groups_layer_decay(backbone, weight_decay=cfg.weight_decay, no_weight_decay_list=no_decay, layer_decay=cfg.layer_decay)
+        groups = param_groups_layer_decay(
+            backbone, weight_decay=cfg.weight_decay, no_weight_decay_list=no_decay, layer_decay=cfg.layer_decay
+        )
         if not cfg.layer_decay_scales_floor:
             # the group's own peak lr and no lr_scale: timm's scheduler then warms up from warmup_lr and
             # decays to min_lr, the same for every block (timm 0.4.12, the references' version)

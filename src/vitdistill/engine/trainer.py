@@ -103,8 +103,16 @@ class Trainer:
         self.budget = None
         if cfg.optim.budget is not None:
             start = clock_start if clock_start is not None else time.perf_counter()
-            self.budget = Budget(cfg.optim.budget, start, env, lambda: sync_device(env.device), self.steps, cfg.engine.eval_every,
-                                 self.total_steps, self.probe_costs)
+            self.budget = Budget(
+                cfg.optim.budget,
+                start,
+                env,
+                lambda: sync_device(env.device),
+                self.steps,
+                cfg.engine.eval_every,
+                self.total_steps,
+                self.probe_costs,
+            )
         self.num_updates = 0
         self.start_epoch = 0
         self.start_step = 0  # a checkpoint written inside an epoch: the steps of start_epoch already done
@@ -242,7 +250,9 @@ class Trainer:
         # Dropout / drop-path draw from torch's global generator: seed it per epoch so a
         # resumed run continues exactly like an uninterrupted one.
         torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank, "torch"))
-        batches = train_batches(len(self.train_views.source), cfg.optim.batch_size, self.train_views.rng, epoch, env.rank, env.world, cfg.augment.repeats)
+        batches = train_batches(
+            len(self.train_views.source), cfg.optim.batch_size, self.train_views.rng, epoch, env.rank, env.world, cfg.augment.repeats
+        )
         sums: dict[str, torch.Tensor] = {}
         images, updates = 0, 0
         guard = self.guard
@@ -292,8 +302,14 @@ class Trainer:
             if not last_step and first + step + 1 < self.total_steps:
                 signum, due = self.poll(due=self.checkpoint_due(first + step + 1))
                 if signum or due:
-                    partial = {"sums": sums, "images": images, "updates": updates, "step_count": step_count, "skipped": guard.skipped,
-                               "elapsed": time.perf_counter() - start}
+                    partial = {
+                        "sums": sums,
+                        "images": images,
+                        "updates": updates,
+                        "step_count": step_count,
+                        "skipped": guard.skipped,
+                        "elapsed": time.perf_counter() - start,
+                    }
                     self.save_inside(epoch, step + 1, partial)
                 if signum:
                     raise Preempted(signum, self.checkpoint_path, f"epoch {epoch + 1}, step {step + 1}/{self.steps}")
@@ -332,8 +348,12 @@ class Trainer:
         generator and partial sums (gathered to the main process). Nothing non-finite is saved."""
         self.guard.check(epoch)
         check_finite_state(epoch, self.model, self.objective, self.ema)
-        mine = {**partial, "sums": {k: v.detach().cpu() for k, v in partial["sums"].items()}, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(self.env.device) if self.env.device.type == "cuda" else None}
+        mine = {
+            **partial,
+            "sums": {k: v.detach().cpu() for k, v in partial["sums"].items()},
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.env.device) if self.env.device.type == "cuda" else None,
+        }
         every: list = [mine]
         if self.env.world > 1:
             every = [None] * self.env.world

@@ -17,7 +17,17 @@ from .timm_folder import export_timm
 
 FORMATS = ("timm", "onnx")
 
-__all__ = ["FORMATS", "OPSET", "ExportSource", "export_onnx", "export_run", "export_timm", "inference_backbone", "onnx_max_abs_diff", "open_export_source"]
+__all__ = [
+    "FORMATS",
+    "OPSET",
+    "ExportSource",
+    "export_onnx",
+    "export_run",
+    "export_timm",
+    "inference_backbone",
+    "onnx_max_abs_diff",
+    "open_export_source",
+]
 
 
 def export_run(run, format: str = "timm", ema: bool = False, output=None):

@@ -42,7 +42,9 @@ def dense_scores(teacher: OnlineTeacher, images: torch.Tensor) -> torch.Tensor:
     net = teacher.model.backbone
     features = net.forward_features(teacher.prepare(images))
     if features.dim() != 4:
-        raise UserError(f"label maps need a convolutional teacher (a [B, C, h, w] feature map); {teacher.model.spec.name} gives {tuple(features.shape)}")
+        raise UserError(
+            f"label maps need a convolutional teacher (a [B, C, h, w] feature map); {teacher.model.spec.name} gives {tuple(features.shape)}"
+        )
     b, f, h, w = features.shape
     per_location = features.permute(0, 2, 3, 1).reshape(b * h * w, f, 1, 1)
     logits = net.forward_head(per_location)  # the classifier as a 1x1 convolution
@@ -61,8 +63,9 @@ def whole_image_scores(teacher: OnlineTeacher, source: ImageSource, index: torch
         return dense_scores(teacher, (images - mean_t) / std_t).float()
 
 
-def fill_records(target: Path, cfg: RunConfig, source: ImageSource, teacher: OnlineTeacher, k: int, dtype: np.dtype, batch: int, device,
-                 precision: str) -> None:
+def fill_records(
+    target: Path, cfg: RunConfig, source: ImageSource, teacher: OnlineTeacher, k: int, dtype: np.dtype, batch: int, device, precision: str
+) -> None:
     """Every image's top-k maps into ``target``, batch by batch; an interrupted run (a signal,
     ``kill -9``) continues at the first batch not noted as written (:mod:`vitdistill.fill`), and
     the file equals an uninterrupted run's byte for byte."""
@@ -78,7 +81,9 @@ def fill_records(target: Path, cfg: RunConfig, source: ImageSource, teacher: Onl
     starts = range(0, len(source), batch)
     note = fill.Progress(target, key, records.flush, done=done)
     try:
-        for first in progress(starts[done:], total=len(starts) - done, desc=f"label maps {target.parent.name}", enabled=cfg.engine.progress):
+        for first in progress(
+            starts[done:], total=len(starts) - done, desc=f"label maps {target.parent.name}", enabled=cfg.engine.progress
+        ):
             index = torch.arange(first, min(first + batch, len(source)))
             scores, ids = whole_image_scores(teacher, source, index, cfg.data.mean, cfg.data.std, device, precision).topk(k, dim=1)
             records["ids"][first : first + len(index)] = ids.permute(0, 2, 3, 1).to(torch.int32).cpu().numpy()
@@ -118,6 +123,8 @@ def write_label_maps(cfg: RunConfig) -> Path:
     )
     write_text_atomic(folder / MANIFEST, json.dumps(asdict(manifest), indent=1, sort_keys=True))
     size = (folder / RECORDS).stat().st_size
-    print(f"vitdistill: label maps {folder}: {len(source):,} images, {grid[0]}x{grid[1]} locations, top-{k}; "
-          f"{dtype.itemsize:,} bytes per image, {size / 2**20:,.1f} MiB")
+    print(
+        f"vitdistill: label maps {folder}: {len(source):,} images, {grid[0]}x{grid[1]} locations, top-{k}; "
+        f"{dtype.itemsize:,} bytes per image, {size / 2**20:,.1f} MiB"
+    )
     return folder

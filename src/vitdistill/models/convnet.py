@@ -31,7 +31,13 @@ class ConvNet(nn.Module):
     ``features.<i>.*`` and ``head.*``)."""
 
     def __init__(
-        self, num_classes: int = 1000, widths=(32, 64, 128), depth: int = 2, in_chans: int = 3, drop_rate: float = 0.0, global_pool: str = "avg"
+        self,
+        num_classes: int = 1000,
+        widths=(32, 64, 128),
+        depth: int = 2,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         stages, cin = [], in_chans
@@ -139,7 +145,15 @@ default_cfgs = generate_default_cfgs({"vitdistill_convnet_tiny": _cfg(), "vitdis
 
 
 def _create(variant: str, widths, depth, pretrained=False, **kwargs) -> ConvNet:
-    return build_model_with_cfg(ConvNet, variant, pretrained, feature_cfg={"feature_cls": "getter", "out_indices": len(widths)}, widths=widths, depth=depth, **kwargs)
+    return build_model_with_cfg(
+        ConvNet,
+        variant,
+        pretrained,
+        feature_cfg={"feature_cls": "getter", "out_indices": len(widths)},
+        widths=widths,
+        depth=depth,
+        **kwargs,
+    )
 
 
 @register_model

@@ -119,8 +119,14 @@ class ConvPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.dynamic_img_size:  # timm's _assert: traceable by torch.fx, scriptable
             H, W = x.shape[-2], x.shape[-1]
-            _assert(H == self.img_size[0], f"LV-ViT: input height {H} differs from the model's img_size {self.img_size} (or use dynamic_img_size=True)")
-            _assert(W == self.img_size[1], f"LV-ViT: input width {W} differs from the model's img_size {self.img_size} (or use dynamic_img_size=True)")
+            _assert(
+                H == self.img_size[0],
+                f"LV-ViT: input height {H} differs from the model's img_size {self.img_size} (or use dynamic_img_size=True)",
+            )
+            _assert(
+                W == self.img_size[1],
+                f"LV-ViT: input width {W} differs from the model's img_size {self.img_size} (or use dynamic_img_size=True)",
+            )
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.relu(self.bn3(self.conv3(x)))
@@ -281,7 +287,9 @@ class LVViT(nn.Module):
         ``[B, 1 + N, D]``: class token first, plus position embedding (resampled to the grid)."""
         if self.dynamic_img_size:  # a Python flag, not a tensor property: torch.fx can trace it
             B, H, W, C = x.shape
-            pos_embed = resample_abs_pos_embed(self.pos_embed, new_size=[H, W], old_size=list(self.patch_embed.grid_size), num_prefix_tokens=1)
+            pos_embed = resample_abs_pos_embed(
+                self.pos_embed, new_size=[H, W], old_size=list(self.patch_embed.grid_size), num_prefix_tokens=1
+            )
             x = x.reshape(B, H * W, C)
         else:
             pos_embed = self.pos_embed
@@ -429,7 +437,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> LVViT:
 def lvvit_tiny(pretrained=False, **kwargs) -> LVViT:
     """LV-ViT-T: 12 blocks x 240, 4 heads, skip_lam 1 (8.53M parameters at 224, 1000 classes)."""
     return _create(
-        "lvvit_tiny", pretrained, **{"patch_size": 16, "embed_dim": 240, "depth": 12, "num_heads": 4, "mlp_ratio": 3.0, "skip_lam": 1.0, **kwargs}
+        "lvvit_tiny",
+        pretrained,
+        **{"patch_size": 16, "embed_dim": 240, "depth": 12, "num_heads": 4, "mlp_ratio": 3.0, "skip_lam": 1.0, **kwargs},
     )
 
 
@@ -437,7 +447,9 @@ def lvvit_tiny(pretrained=False, **kwargs) -> LVViT:
 def lvvit_small(pretrained=False, **kwargs) -> LVViT:
     """LV-ViT-S: 16 blocks x 384, 6 heads, skip_lam 2 (26.15M parameters)."""
     return _create(
-        "lvvit_small", pretrained, **{"patch_size": 16, "embed_dim": 384, "depth": 16, "num_heads": 6, "mlp_ratio": 3.0, "skip_lam": 2.0, **kwargs}
+        "lvvit_small",
+        pretrained,
+        **{"patch_size": 16, "embed_dim": 384, "depth": 16, "num_heads": 6, "mlp_ratio": 3.0, "skip_lam": 2.0, **kwargs},
     )
 
 
@@ -445,5 +457,7 @@ def lvvit_small(pretrained=False, **kwargs) -> LVViT:
 def lvvit_medium(pretrained=False, **kwargs) -> LVViT:
     """LV-ViT-M: 20 blocks x 512, 8 heads, skip_lam 2 (55.83M parameters)."""
     return _create(
-        "lvvit_medium", pretrained, **{"patch_size": 16, "embed_dim": 512, "depth": 20, "num_heads": 8, "mlp_ratio": 3.0, "skip_lam": 2.0, **kwargs}
+        "lvvit_medium",
+        pretrained,
+        **{"patch_size": 16, "embed_dim": 512, "depth": 20, "num_heads": 8, "mlp_ratio": 3.0, "skip_lam": 2.0, **kwargs},
     )

@@ -50,7 +50,9 @@ class VisionModel(nn.Module):
         if spec.eval_head not in EVAL_HEADS:
             raise ConfigError("model.eval_head", f"expected one of {', '.join(EVAL_HEADS)}, got {spec.eval_head!r}")
         if spec.eval_head == "lvvit_aux" and not self.has_token_logits:
-            raise ConfigError("model.eval_head", f"lvvit_aux adds the per-token head's logits, but {spec.name} has none: set model.token_head: true")
+            raise ConfigError(
+                "model.eval_head", f"lvvit_aux adds the per-token head's logits, but {spec.name} has none: set model.token_head: true"
+            )
 
     @property
     def has_token_logits(self) -> bool:
@@ -118,7 +120,9 @@ class VisionModel(nn.Module):
             logits, dist_logits = net.forward_head(tokens), None
         head = getattr(net, "aux_head", None) or self.token_head
         token_logits = head(tokens[:, prefix:]) if head is not None else None
-        return ModelOutput(logits, dist_logits, tokens, prefix, token_logits, block_tokens, token_mix, self.spec.eval_head, self.pending_norm)
+        return ModelOutput(
+            logits, dist_logits, tokens, prefix, token_logits, block_tokens, token_mix, self.spec.eval_head, self.pending_norm
+        )
 
     @property
     def pending_norm(self) -> nn.Module | None:
@@ -126,7 +130,12 @@ class VisionModel(nn.Module):
         average-pooled model, whose ``norm`` is an identity (BEiT's default); None otherwise."""
         net = self.backbone
         fc = getattr(net, "fc_norm", None)
-        if self.is_vit and isinstance(getattr(net, "norm", None), nn.Identity) and isinstance(fc, nn.Module) and not isinstance(fc, nn.Identity):
+        if (
+            self.is_vit
+            and isinstance(getattr(net, "norm", None), nn.Identity)
+            and isinstance(fc, nn.Module)
+            and not isinstance(fc, nn.Identity)
+        ):
             return fc
         return None
 
@@ -136,7 +145,9 @@ class VisionModel(nn.Module):
         normalises after pooling (:attr:`pending_norm`)."""
         return self.pending_norm or getattr(self.backbone, "norm", None) or nn.Identity()
 
-    def forward_with_features(self, x: torch.Tensor, layer: int, norm: bool = False) -> tuple[ModelOutput, torch.Tensor, torch.Tensor | None]:
+    def forward_with_features(
+        self, x: torch.Tensor, layer: int, norm: bool = False
+    ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor | None]:
         """The usual output and, from the same pass, the feature map ``[B, C, H, W]`` output by
         stage (CNNs) or block (ViTs) ``layer`` of timm's ``forward_intermediates`` (negative:
         from the end), and a ViT's class token ``[B, C]`` at that block (None for models without
@@ -146,9 +157,13 @@ class VisionModel(nn.Module):
         norm over channels (its head normalises pooled features, if anything), so it is refused."""
         net = self.backbone
         if not hasattr(net, "forward_intermediates"):
-            raise UserError(f"teacher: {self.spec.name} has no forward_intermediates (timm's feature API), so its feature maps cannot be read")
+            raise UserError(
+                f"teacher: {self.spec.name} has no forward_intermediates (timm's feature API), so its feature maps cannot be read"
+            )
         if norm and not self.is_vit:
-            raise UserError(f"teacher.feature_norm: {self.spec.name} is not a vision transformer; its stages have no final norm over channels (set it false)")
+            raise UserError(
+                f"teacher.feature_norm: {self.spec.name} is not a vision transformer; its stages have no final norm over channels (set it false)"
+            )
         extra = {"return_prefix_tokens": True} if self.is_vit and net.num_prefix_tokens else {}
         try:
             final, inter = net.forward_intermediates(x, indices=[layer], norm=False, output_fmt="NCHW", **extra)
@@ -172,7 +187,7 @@ class VisionModel(nn.Module):
                 module.requires_grad_(False)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "VisionModel":
+    def train(self, mode: bool = True) -> VisionModel:
         super().train(mode)
         if mode and self.bn_frozen:
             for module in self.modules():
@@ -221,7 +236,9 @@ def check_eval_head(cfg) -> None:
     ``model.token_head`` adds one (checked here, before any data is read)."""
     model = cfg.model
     if model.eval_head == "lvvit_aux" and not model.token_head and timm.is_model(model.name) and not has_own_token_head(model.name):
-        raise ConfigError("model.eval_head", f"lvvit_aux adds the per-token head's logits, but {model.name} has none: set model.token_head: true")
+        raise ConfigError(
+            "model.eval_head", f"lvvit_aux adds the per-token head's logits, but {model.name} has none: set model.token_head: true"
+        )
 
 
 def patch_size_of(model: ModelConfig) -> int | None:
@@ -247,8 +264,11 @@ def check_patch_grid(cfg) -> None:
     for key, size in (("augment.input_size", cfg.augment.input_size), ("model.img_size", cfg.model.img_size)):
         if size is not None and size % patch:
             lower, upper = size - size % patch, size - size % patch + patch
-            raise ConfigError(key, f"{size} is not a multiple of the patch size {patch}: the last {size % patch} rows and columns of every "
-                                   f"image would never reach the model; use {lower or upper} or {upper}")
+            raise ConfigError(
+                key,
+                f"{size} is not a multiple of the patch size {patch}: the last {size % patch} rows and columns of every "
+                f"image would never reach the model; use {lower or upper} or {upper}",
+            )
 
 
 def create_backbone(spec: ModelSpec, drop_path: float = 0.0) -> nn.Module:
@@ -263,8 +283,10 @@ def create_backbone(spec: ModelSpec, drop_path: float = 0.0) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, num_classes=spec.num_classes, **kwargs)
     except TypeError as err:
-        raise UserError(f"model: {spec.name} rejected its arguments {sorted(kwargs)}: {err} (a recipe's model.kwargs merge into its base's: "
-                        "write `kwargs: {_replace: true, ...}` to replace them)") from None
+        raise UserError(
+            f"model: {spec.name} rejected its arguments {sorted(kwargs)}: {err} (a recipe's model.kwargs merge into its base's: "
+            "write `kwargs: {_replace: true, ...}` to replace them)"
+        ) from None
 
 
 def fixed_input_size(backbone: nn.Module) -> tuple[int, int] | None:

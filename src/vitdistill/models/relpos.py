@@ -16,7 +16,9 @@ SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 BLOCK_TABLE = "attn.relative_position_bias_table"  # blocks.{i}.attn.relative_position_bias_table
 
 
-def per_block_rel_pos_bias(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], key: str = "model.init") -> dict[str, torch.Tensor]:
+def per_block_rel_pos_bias(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], key: str = "model.init"
+) -> dict[str, torch.Tensor]:
     """``state`` with its shared relative position bias table copied into each per-block table
     of the model whose state dict is ``own``; unchanged when ``state`` has no shared table or
     the model has one too. ``key`` names the recipe key in the message printed."""

@@ -26,7 +26,7 @@ class ModelSpec:
     eval_head: str = "cls"  # model.eval_head: the evaluation rule (ModelOutput.inference)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, num_classes: int, **conventions) -> "ModelSpec":
+    def from_config(cls, cfg: ModelConfig, num_classes: int, **conventions) -> ModelSpec:
         kwargs = dict(cfg.kwargs)
         if cfg.img_size is not None:
             kwargs["img_size"] = cfg.img_size
@@ -50,7 +50,7 @@ class ModelSpec:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelSpec":
+    def from_json(cls, text: str) -> ModelSpec:
         data = json.loads(text)
         for key in ("mean", "std"):
             if data.get(key) is not None:

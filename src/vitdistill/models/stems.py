@@ -89,7 +89,9 @@ def vitdistill_small_stem(pretrained: bool = False, base: str = "resnet18", **kw
     if kwargs.get("features_only") and "out_indices" not in kwargs:
         with torch.device("meta"):  # how many feature levels the base has, without allocating it
             feature_cfg["out_indices"] = len(timm.create_model(base, pretrained=False).feature_info)
-    model = build_model_with_cfg(_small_stem_net, SMALL_STEM, pretrained, pretrained_cfg_overlay=overlay, feature_cfg=feature_cfg, base=base, **kwargs)
+    model = build_model_with_cfg(
+        _small_stem_net, SMALL_STEM, pretrained, pretrained_cfg_overlay=overlay, feature_cfg=feature_cfg, base=base, **kwargs
+    )
     info = getattr(model, "feature_info", None)
     reductions = info.reduction() if hasattr(info, "reduction") else [i["reduction"] for i in info or []]
     if reductions:

@@ -36,6 +36,7 @@ class Weighted(Protocol):
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
+
 SPEC_KEY = "vitdistill"
 EXTRA_PREFIX = "_vitdistill."  # keys of weights that are not the timm model's (e.g. our token head)
 

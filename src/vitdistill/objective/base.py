@@ -27,11 +27,11 @@ from ..models import ModelOutput
 from ..models.output import HEADS
 from ..targets import TeacherPrediction, TeacherSource
 
-TERMS: dict[str, type["Term"]] = {}
+TERMS: dict[str, type[Term]] = {}
 ROUTES = ("auto", *HEADS)  # a term's `head`: one of the model's heads, or the term's default
 
 
-def register_term(cls: type["Term"]) -> type["Term"]:
+def register_term(cls: type[Term]) -> type[Term]:
     TERMS[cls.name] = cls
     return cls
 
@@ -144,7 +144,9 @@ class Objective(nn.Module):
             inputs.update(term.model_inputs(batch))
         return inputs
 
-    def forward(self, out: ModelOutput, batch: ViewBatch, teacher: TeacherPrediction | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, out: ModelOutput, batch: ViewBatch, teacher: TeacherPrediction | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total: torch.Tensor | float = 0.0
         parts: dict[str, torch.Tensor] = {}
         for label, weight, term in zip(self.labels, self.weights, self.terms):

@@ -98,7 +98,9 @@ class Feature(Term):
         if self.grid is None:
             raise UserError(f"feature: the student must be a vision transformer with a patch grid; {model.spec.name} has none")
         if teacher is None or "features" not in teacher.gives:
-            raise UserError("feature: the teacher gives no feature maps (a store or label maps hold class predictions); use teacher.checkpoint or teacher.name")
+            raise UserError(
+                "feature: the teacher gives no feature maps (a store or label maps hold class predictions); use teacher.checkpoint or teacher.name"
+            )
         if model.spec.input_size is None:
             raise UserError("feature: the student's input size is unknown")
         if self.params.class_token:
@@ -118,7 +120,9 @@ class Feature(Term):
         tokens = out.final_tokens
         prefix = out.num_prefix
         if tokens.shape[1] - prefix != target.shape[1]:
-            raise UserError(f"feature: the student gives {tokens.shape[1] - prefix} patch tokens, its grid {self.grid} has {target.shape[1]}")
+            raise UserError(
+                f"feature: the student gives {tokens.shape[1] - prefix} patch tokens, its grid {self.grid} has {target.shape[1]}"
+            )
         if self.params.class_token:  # the class token is the first prefix token in timm's ViTs
             target = torch.cat([teacher.feature_class_token()[:, None].to(target.dtype), target], dim=1)
             tokens = torch.cat([tokens[:, :1], tokens[:, prefix:]], dim=1)

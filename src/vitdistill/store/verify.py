@@ -58,7 +58,11 @@ def verify_store(
     if teacher_identity(cfg, online)["weights_sha256"] != manifest.teacher["weights_sha256"]:
         raise UserError(f"verify: {teacher or manifest.teacher['path']} is not the teacher that wrote the store")
     views = Augmenter(source, cfg.augment, cfg.seed, cfg.data.mean, cfg.data.std, env.device)
-    checked = [e for e in (epochs if epochs is not None else manifest.complete_epochs()) if str(manifest.epochs.get(str(e), {}).get("file")) not in bad_files]
+    checked = [
+        e
+        for e in (epochs if epochs is not None else manifest.complete_epochs())
+        if str(manifest.epochs.get(str(e), {}).get("file")) not in bad_files
+    ]
     rng = np.random.default_rng(seed)
     agree, total, worst = 0, 0, 0.0
     disagreeing: list[str] = []

@@ -76,7 +76,9 @@ def check_same_plan(existing: Manifest, planned: Manifest, folder: Path) -> None
 
 
 @torch.no_grad()
-def teacher_probs(teacher: OnlineTeacher, views: Augmenter, index: torch.Tensor, epoch: int, temperature: float, env: DistEnv, precision: str) -> torch.Tensor:
+def teacher_probs(
+    teacher: OnlineTeacher, views: Augmenter, index: torch.Tensor, epoch: int, temperature: float, env: DistEnv, precision: str
+) -> torch.Tensor:
     """``softmax(Z_t / T)`` of the teacher on the training views of ``index`` in ``epoch``."""
     batch = views.train_batch(index, epoch)
     with autocast(env.device, precision):
@@ -125,8 +127,14 @@ def _write_store(cfg: RunConfig, env: DistEnv, folder: Path, source, teacher: On
     barrier(env)
     todo = [e for e in range(manifest.epochs_planned) if str(e) not in manifest.epochs]
     # before the first epoch, on every process (they stop together): never a surprise on disk
-    check_disk(len(todo) * manifest.count * manifest.repeats * manifest.record_bytes, folder, f"the {len(todo)} epochs left of the store",
-               "lower store.k or store.epochs", key="store.path", elsewhere="choose a store.path on a larger disk")
+    check_disk(
+        len(todo) * manifest.count * manifest.repeats * manifest.record_bytes,
+        folder,
+        f"the {len(todo)} epochs left of the store",
+        "lower store.k or store.epochs",
+        key="store.path",
+        elsewhere="choose a store.path on a larger disk",
+    )
     n, batch_size = len(source), cfg.store.batch_size or cfg.optim.batch_size
     start, stop = env.rank * n // env.world, (env.rank + 1) * n // env.world  # this process's share of each epoch's n views
     steps = -(-(stop - start) // batch_size)

@@ -41,7 +41,7 @@ class LabelMapManifest:
         return map_dtype(self.k, self.grid[0], self.grid[1], self.num_classes)
 
     @classmethod
-    def read(cls, folder: Path) -> "LabelMapManifest":
+    def read(cls, folder: Path) -> LabelMapManifest:
         return cls(**read_manifest(folder, MANIFEST, FORMAT, "a label-map folder", "labelmaps"))
 
 

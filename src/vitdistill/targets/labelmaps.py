@@ -39,7 +39,9 @@ from .prediction import TeacherPrediction
 from .source import Request, TeacherSource, register_source
 
 
-def pool_tokens(dense: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, source_size, grid, transposed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_tokens(
+    dense: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, source_size, grid, transposed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool ``[B, C, h, w]`` maps over each crop box (source pixels) to ``grid`` tokens and to one
     value for the whole crop: ``([B, gh * gw, C], [B, C])`` in raster order, flips applied.
     ``transposed`` ([B] bool): records that hold their image transposed (as in
@@ -89,7 +91,7 @@ class LabelMapTargets(TeacherSource):
             raise ConfigError(f"{key}.label_maps", "kind label_maps reads the label-map folder named here (vitdistill labelmaps writes it)")
 
     @classmethod
-    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> "LabelMapTargets":
+    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> LabelMapTargets:
         assert cfg.teacher is not None and cfg.teacher.label_maps is not None
         if request.token_grid is None:
             raise UserError(f"teacher.label_maps: token targets need a vision transformer; {cfg.model.name} has no patch grid")
@@ -130,7 +132,9 @@ class LabelMapTargets(TeacherSource):
         """``[B, N, C]`` token targets warped as RandAugment warped the views of ``keys``."""
         if self.rand_augment is None:
             return tokens
-        return warp_token_targets(tokens, geometric_warps(self.rng, epoch, keys, self.rand_augment, self.view_size), self.grid, self.view_size)
+        return warp_token_targets(
+            tokens, geometric_warps(self.rng, epoch, keys, self.rand_augment, self.view_size), self.grid, self.view_size
+        )
 
     def __call__(self, batch: ViewBatch) -> TeacherPrediction:
         own_tokens, own_crop = self.targets(batch.index, batch.boxes, batch.flips)
@@ -165,4 +169,3 @@ def warp_token_targets(tokens: torch.Tensor, warps: list[tuple[torch.Tensor, tor
         warped = warp_affine(maps, matrix * scale, uniform)
         maps = torch.where(applied.view(b, 1, 1, 1), warped, maps)
     return maps.reshape(b, c, n).transpose(1, 2)
-

@@ -84,7 +84,9 @@ def check_provenance(where: str, dataset: dict, teacher: dict, k: int, cfg: RunC
         raise UserError(f"{where} another teacher ({teacher['path']}), not {path}")
 
 
-def prepare_teacher_run(cfg: RunConfig, path: str | None, key: str, device: torch.device, view_size: int | None = None) -> tuple[Path, ImageSource, OnlineTeacher, str]:
+def prepare_teacher_run(
+    cfg: RunConfig, path: str | None, key: str, device: torch.device, view_size: int | None = None
+) -> tuple[Path, ImageSource, OnlineTeacher, str]:
     """What writing offline targets needs: the output folder (recipe key ``key``), the training
     split, the teacher on ``device`` (checked to accept ``view_size`` inputs) and its precision."""
     if path is None:

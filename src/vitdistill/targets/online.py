@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -80,7 +82,7 @@ class OnlineTeacher(TeacherSource):
             raise ConfigError(key, "kind online needs checkpoint (a vitdistill export) or name (+ weights)")
 
     @classmethod
-    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> "OnlineTeacher":
+    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> OnlineTeacher:
         """The recipe's teacher on ``device``, with feature maps when the run reads them and with
         the data's classes unless it reads only feature maps."""
         assert cfg.teacher is not None
@@ -89,7 +91,21 @@ class OnlineTeacher(TeacherSource):
         )
         return teacher.to(device)
 
-    def to(self, device: torch.device) -> "OnlineTeacher":
+    @classmethod
+    def check_classes(cls, cfg: RunConfig, classes: list[str], request: Request) -> None:
+        """The teacher loads, predicts the data's classes and takes the views, before any image is decoded."""
+        assert cfg.teacher is not None
+        build_online_teacher(
+            cfg.teacher,
+            ClassList(classes),
+            cfg.data.mean,
+            cfg.data.std,
+            cfg.augment.input_size,
+            classes=request.classes,
+            features=request.features,
+        )
+
+    def to(self, device: torch.device) -> OnlineTeacher:
         self.model.to(device)
         self.scale, self.shift = self.scale.to(device), self.shift.to(device)
         return self
@@ -124,15 +140,28 @@ class OnlineTeacher(TeacherSource):
         if self.feature_layer is None:
             raise UserError("teacher: built without feature_layer, it gives no feature maps")
         device = self.scale.device
-        out, features, _ = self.model.forward_with_features(self.prepare(torch.zeros(1, 3, view_size, view_size, device=device)), self.feature_layer, self.feature_norm)
+        out, features, _ = self.model.forward_with_features(
+            self.prepare(torch.zeros(1, 3, view_size, view_size, device=device)), self.feature_layer, self.feature_norm
+        )
         if features.dim() != 4:
             raise UserError(f"teacher.feature_layer: {self.model.spec.name} gives a {features.dim()}-d feature map, not [B, C, H, W]")
         return tuple(features.shape[1:])  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class ClassList:
+    """The data's classes before its images are read: what :func:`build_online_teacher` asks of a source."""
+
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
 def build_online_teacher(
     cfg: TeacherConfig,
-    data: ImageSource,
+    data: ImageSource | ClassList,
     student_mean,
     student_std,
     student_input_size: int | None = None,
@@ -159,18 +188,36 @@ def build_online_teacher(
         else:  # no head was built: the weights' classifier is not needed
             own, heads = model.backbone.state_dict(), classifier_prefixes(model.backbone)
             state = read_state_dict(cfg.weights, "teacher.weights")
-            load_backbone_weights(model.backbone, {k: v for k, v in state.items() if k in own or not k.startswith(heads)}, "teacher.weights")
+            load_backbone_weights(
+                model.backbone, {k: v for k, v in state.items() if k in own or not k.startswith(heads)}, "teacher.weights"
+            )
         model.eval()
     if classes and spec.num_classes != data.num_classes:
         raise UserError(f"teacher: it predicts {spec.num_classes} classes but the data has {data.num_classes}")
     if classes and spec.classes and list(spec.classes) != list(data.classes):
         raise UserError(f"teacher: its classes {spec.classes[:5]}... differ from the data's {data.classes[:5]}...")
     if student_input_size is not None:
-        check_input_size(model.backbone, cfg.input_size or student_input_size, "teacher.input_size", spec.name, "set teacher.input_size to it (views are resized for the teacher)")
+        check_input_size(
+            model.backbone,
+            cfg.input_size or student_input_size,
+            "teacher.input_size",
+            spec.name,
+            "set teacher.input_size to it (views are resized for the teacher)",
+        )
     mean = cfg.mean or spec.mean or _timm_default(spec.name, "mean", IMAGENET_MEAN)
     std = cfg.std or spec.std or _timm_default(spec.name, "std", IMAGENET_STD)
     layer = (-1 if cfg.feature_layer is None else cfg.feature_layer) if features else None
-    return OnlineTeacher(model, student_mean, student_std, mean, std, cfg.input_size or None, feature_layer=layer, logits=classes, feature_norm=cfg.feature_norm)
+    return OnlineTeacher(
+        model,
+        student_mean,
+        student_std,
+        mean,
+        std,
+        cfg.input_size or None,
+        feature_layer=layer,
+        logits=classes,
+        feature_norm=cfg.feature_norm,
+    )
 
 
 def _timm_default(name: str, key: str, fallback):

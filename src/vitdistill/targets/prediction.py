@@ -35,7 +35,9 @@ class TeacherPrediction:
     def feature_class_token(self) -> torch.Tensor:
         """``[B, C]`` the teacher's class token at the feature map's block (ViT teachers)."""
         if self.feature_cls is None:
-            raise UserError("the objective needs the teacher's class token: use a ViT teacher with one (or set the term's class_token: false)")
+            raise UserError(
+                "the objective needs the teacher's class token: use a ViT teacher with one (or set the term's class_token: false)"
+            )
         return self.feature_cls
 
     def tokens(self) -> torch.Tensor:

@@ -91,7 +91,7 @@ class TeacherSource:
         return parse_dataclass(cls.Params, teacher.params, "teacher.params")
 
     @classmethod
-    def build(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> "TeacherSource":
+    def build(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> TeacherSource:
         """The source for a run on the training split ``source``, on ``device``; a request for
         something the kind does not give is refused before anything is read."""
         if request.features and "features" not in cls.gives:
@@ -101,8 +101,13 @@ class TeacherSource:
         return cls.from_recipe(cfg, source, request, device)
 
     @classmethod
-    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> "TeacherSource":
+    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> TeacherSource:
         raise NotImplementedError
+
+    @classmethod
+    def check_classes(cls, cfg: RunConfig, classes: list[str], request: Request) -> None:
+        """Checks against the data's class names, run before any image is read or decoded (when
+        the names are known from folder names alone); raise UserError. Default: none."""
 
     def __call__(self, batch: ViewBatch) -> TeacherPrediction:
         raise NotImplementedError

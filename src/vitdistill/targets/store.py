@@ -33,8 +33,9 @@ def check_matches_run(manifest: Manifest, cfg: RunConfig, source: ImageSource, f
     difference from the run is an error naming it."""
     where = f"teacher.store: {folder} was written for"
     if only_contents_differ(manifest.dataset, source.fingerprint()):
-        raise UserError(f"teacher.store: {folder}: {describe_changed(folder, source)}; "
-                        "rerun `vitdistill cache` with the store's recipe to rewrite it")
+        raise UserError(
+            f"teacher.store: {folder}: {describe_changed(folder, source)}; rerun `vitdistill cache` with the store's recipe to rewrite it"
+        )
     if manifest.seed != cfg.seed:
         raise UserError(f"{where} seed {manifest.seed}, the run uses seed {cfg.seed}")
     check_provenance(where, manifest.dataset, manifest.teacher, manifest.k, cfg, source)
@@ -78,7 +79,7 @@ class StoreTargets(TeacherSource):
             raise ConfigError(f"{key}.store", "kind store reads the store folder named here (vitdistill cache writes it)")
 
     @classmethod
-    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> "StoreTargets":
+    def from_recipe(cls, cfg: RunConfig, source: ImageSource, request: Request, device: torch.device) -> StoreTargets:
         assert cfg.teacher is not None and cfg.teacher.store is not None
         return cls(cfg.teacher.store, cfg, source, device)
 

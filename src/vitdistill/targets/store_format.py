@@ -78,7 +78,7 @@ class Manifest:
         write_text_atomic(folder / MANIFEST, json.dumps(asdict(self), indent=1, sort_keys=True))
 
     @classmethod
-    def read(cls, folder: Path) -> "Manifest":
+    def read(cls, folder: Path) -> Manifest:
         data = read_manifest(folder, MANIFEST, FORMAT, "a teacher store", "cache", rewrites=True)
         try:
             return cls(**data)
