@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_DEIT, tiny_run
-from test_objective import batch_of
+from helpers import batch_of
 
 from vitdistill import ConfigError, UserError, load_recipe, train
 from vitdistill.augment import Augmenter

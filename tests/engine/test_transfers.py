@@ -90,7 +90,7 @@ def test_the_recorder_sees_a_blocking_copy():
 def test_jpeg_records_reach_the_device_only_through_non_blocking_copies(tmp_path):
     """JPEG records are decoded on the host ahead of the step (threads) and copied without a wait;
     nothing comes back to the host."""
-    from test_jpeg_records import photo_crops
+    from helpers import photo_crops
 
     root = tmp_path / "photos"
     for split in ("train", "test"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from test_augment import synthetic_source
+from helpers import synthetic_source
 
 from vitdistill.augment import Augmenter
 from vitdistill.augment.photometric import color_jitter, erase_boxes, random_erase

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import interrupted_at_epoch, tiny_run
+from helpers import batch_of
 from safetensors.torch import load_file
-from test_objective import batch_of
 
 from vitdistill import UserError, load_recipe, train
 from vitdistill.cli import main

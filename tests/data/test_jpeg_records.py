@@ -7,32 +7,14 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import photo_crops
 
 from vitdistill.augment import Augmenter
 from vitdistill.config import AugmentConfig, DataConfig
 from vitdistill.data import jpeg, open_source, records
 from vitdistill.errors import UserError
-
-
-def photo_crops(count: int, seed: int = 0):
-    """Distinct photographs: random crops and scales of scikit-learn's two sample photos, with
-    landscape, portrait and over-wide shapes (not noise or flat colours)."""
-    from sklearn.datasets import load_sample_images
-
-    photos = [Image.fromarray(p) for p in load_sample_images().images]
-    rng = np.random.default_rng(seed)
-    shapes = [(120, 90), (90, 120), (200, 80), (96, 96)]
-    for i in range(count):
-        photo = photos[i % 2]
-        w, h = shapes[i % len(shapes)]
-        scale = rng.uniform(1.0, 3.0)
-        cw, ch = min(photo.width, int(w * scale)), min(photo.height, int(h * scale))
-        x, y = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
-        yield photo.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
 
 
 @pytest.fixture()

@@ -6,32 +6,12 @@ import math
 
 import pytest
 import torch
+from helpers import batch_of
 
-from vitdistill.augment import ViewBatch
 from vitdistill.errors import ConfigError
 from vitdistill.models import ModelOutput
 from vitdistill.objective import Objective
 from vitdistill.targets import TeacherPrediction
-
-
-def batch_of(labels, partner_labels=None, lam=None, mix_boxes=None, size=2) -> ViewBatch:
-    """A hand-made batch of ``size`` x ``size`` views (only the records matter to the terms)."""
-    labels = torch.tensor(labels)
-    n = len(labels)
-    return ViewBatch(
-        images=torch.zeros(n, 3, size, size),
-        labels=labels,
-        index=torch.arange(n),
-        epoch=0,
-        boxes=torch.zeros(n, 4),
-        flips=torch.zeros(n, dtype=torch.bool),
-        partner=torch.arange(n),
-        partner_labels=labels if partner_labels is None else torch.tensor(partner_labels),
-        partner_boxes=torch.zeros(n, 4),
-        partner_flips=torch.zeros(n, dtype=torch.bool),
-        lam=torch.ones(n) if lam is None else torch.tensor(lam, dtype=torch.float32),
-        mix_boxes=torch.zeros(n, 4) if mix_boxes is None else torch.tensor(mix_boxes, dtype=torch.float32),
-    )
 
 
 def single(term: dict, num_classes: int = 3, has_dist: bool = True) -> Objective:

@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_run
-from test_diversity import contrast_by_loop  # ours: L2-normalised tokens, mean of the other N - 1 patches as the negative
-from test_objective import batch_of
+from helpers import (
+    batch_of,
+    contrast_by_loop,  # ours: L2-normalised tokens, mean of the other N - 1 patches as the negative
+)
 
 from vitdistill import ConfigError, load_recipe, train
 from vitdistill.augment import Augmenter

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
 from vitdistill import UserError
@@ -377,7 +378,7 @@ def test_ctrl_c_while_the_cli_imports_is_one_line_and_exit_130(tmp_path):
         "import runpy\n"
         "runpy.run_module('vitdistill', run_name='__main__')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 130 and done.stderr == "vitdistill: interrupted\n"
 

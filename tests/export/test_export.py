@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DEIT, tiny_run
+from conftest import ROOT, TINY_DEIT, tiny_run
 from safetensors import safe_open
 
 from vitdistill import load_recipe, train
@@ -181,7 +181,7 @@ def test_other_families_timm_and_onnx(cfg, architecture, kind, needs_vitdistill,
     plain = run_python(PLAIN_TIMM, *inputs)
     if needs_vitdistill:
         assert plain.returncode != 0 and f"Unknown model ({architecture})" in plain.stderr
-        done = run_python(WITH_VITDISTILL, *inputs, str(Path(__file__).resolve().parents[1] / "src"))
+        done = run_python(WITH_VITDISTILL, *inputs, str(ROOT / "src"))
         assert done.returncode == 0, done.stderr[-2000:]
         left_behind = model.backbone.aux_head.parameters() if kind == "LVViT" else []
         expected = sum(p.numel() for p in model.backbone.parameters()) - sum(p.numel() for p in left_behind)

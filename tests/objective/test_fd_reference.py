@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_objective import batch_of
+from helpers import batch_of
 from torch import nn
 
 from vitdistill import UserError

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import ROOT
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -53,7 +54,7 @@ def test_every_paper_recipe_is_packaged_and_validates_without_warnings():
 
 @pytest.mark.parametrize("name", PAPER_RECIPES)
 def test_paper_recipe_header_cites_the_paper_and_gives_the_command(name):
-    text = (Path(__file__).parents[1] / "src" / "vitdistill" / "recipes" / f"{name}.yaml").read_text()
+    text = (ROOT / "src" / "vitdistill" / "recipes" / f"{name}.yaml").read_text()
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert "arXiv" in header or name == "fd_finetune_imagenet", name  # the paper
     assert f"vitdistill train {name}" in header or f"vitdistill cache {name}" in header or f"vitdistill labelmaps {name}" in header, name

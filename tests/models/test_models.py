@@ -76,7 +76,7 @@ def test_teacher_stays_frozen_in_eval_mode(tmp_path):
     assert not teacher.model.training
     assert all(not p.requires_grad for p in teacher.model.parameters())
     teacher.model.train()  # e.g. a careless .train() on everything
-    from test_objective import batch_of
+    from helpers import batch_of
 
     batch = batch_of([0, 1])
     batch.images = torch.randn(2, 3, 8, 8)

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import synthetic_source
 
 from vitdistill.augment import Augmenter
 from vitdistill.augment.geometry import render
 from vitdistill.augment.mixing import box_mask, partner_table
 from vitdistill.config import AugmentConfig
-from vitdistill.data import ImageSource, train_batches
+from vitdistill.data import train_batches
 from vitdistill.rng import CounterRNG
-
-
-def synthetic_source(n: int = 24, size: int = 12) -> ImageSource:
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, size, size, 3), generator=gen, dtype=torch.uint8)
-    return ImageSource(images=images, labels=torch.arange(n) % 4, classes=list("abcd"), name="synthetic", items_hash="x")
-
 
 FULL = AugmentConfig(input_size=10, crop="rrc", scale=(0.3, 1.0), hflip=0.5, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=0.9)
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import TINY_DEIT, tiny_run
-from test_objective import batch_of
+from helpers import batch_of, contrast_by_loop
 from torch import nn
 
 from vitdistill import UserError, load_recipe, train
@@ -97,19 +97,6 @@ def test_diversity_terms_stay_fp32_under_bf16_autocast():
 
 
 # ---------------------------------------------------------------------------- patch_contrast
-def contrast_by_loop(first: torch.Tensor, last: torch.Tensor, tau: float) -> float:
-    """The equation, one patch at a time, in float64."""
-    first, last = first.double(), last.double()
-    b_count, n, _ = last.shape
-    total = 0.0
-    for b in range(b_count):
-        z = [last[b, j] / last[b, j].norm() for j in range(n)]
-        for i in range(n):
-            a = first[b, i] / first[b, i].norm()
-            zbar = sum(z[j] for j in range(n) if j != i) / (n - 1)
-            pos, neg = math.exp(float(a @ z[i]) / tau), math.exp(float(a @ zbar) / tau)
-            total += -math.log(pos / (pos + neg))
-    return total / (b_count * n)
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.2])
