@@ -6,6 +6,7 @@ A bottom module: the engine, the runner and every teacher-side writer (``cache``
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 from contextlib import nullcontext
@@ -65,7 +66,16 @@ def setup_distributed(device_setting: str) -> DistEnv:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # left to the interpreter's exit, gloo's threads were torn down after their owner and the
+        # process aborted ("terminate called without an active exception", exit -6) after a
+        # finished run: the group is destroyed first
+        atexit.register(_destroy_group)
     return DistEnv(rank=rank, world=world, device=device)
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
