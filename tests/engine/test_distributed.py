@@ -13,28 +13,21 @@ from safetensors.torch import load_file
 from vitdistill import load_recipe, train
 
 
+def two_processes(*args: str) -> None:
+    """``vitdistill ARGS`` under torchrun with 2 processes on this machine; it must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VITDISTILL_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitdistill", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_two_processes_match_one(tmp_path, tiny_teacher):
     overrides = tiny_run(
         tmp_path / "one", *TINY_DEIT, f"teacher.checkpoint={tiny_teacher}", "augment.cutmix_alpha=1.0", "engine.device=cpu"
     )
     single = train(load_recipe("demo_student_distilled", overrides))
     two = [o.replace(str(tmp_path / "one"), str(tmp_path / "two")) for o in overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VITDISTILL_PROGRESS": "0"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "vitdistill",
-        "train",
-        "demo_student_distilled",
-        *two,
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    two_processes("train", "demo_student_distilled", *two)
     a, b = load_file(str(single.output / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     for key in a:  # same global batches, gradients averaged across the processes
         assert torch.allclose(a[key], b[key], atol=2e-4, rtol=1e-3), key
@@ -60,22 +53,7 @@ def test_two_processes_write_the_same_store_as_one(tmp_path, tiny_teacher):
         )
 
     write_store(load_recipe("demo_student_distilled", overrides(tmp_path / "one")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VITDISTILL_PROGRESS": "0"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "vitdistill",
-        "cache",
-        "demo_student_distilled",
-        *overrides(tmp_path / "two"),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    two_processes("cache", "demo_student_distilled", *overrides(tmp_path / "two"))
     one, two = Manifest.read(tmp_path / "one"), Manifest.read(tmp_path / "two")
     assert one.complete_epochs() == two.complete_epochs() == [0, 1]
     for epoch in (0, 1):
